@@ -1,0 +1,22 @@
+"""The typer application and shared console; command modules register onto ``app``."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="meddiffuse",
+    help="Train classifiers on synthetic medical images: ingest, generate, classify, explain, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a clear error (no traceback) and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)

@@ -1,0 +1,94 @@
+"""One configuration model for every door: CLI, flows and services.
+
+Values come from (highest first) explicit arguments, ``MEDDIFFUSE_*`` environment variables
+(nested sections use ``__``, e.g. ``MEDDIFFUSE_GENERATOR__PRESET=tiny``), a ``.env`` file, then the
+embedded defaults below, which keep everything under ``./.meddiffuse/`` so one machine needs no servers.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class IngestConfig(BaseModel):
+    """How raw image folders become a real Dataset."""
+
+    resolution: int = Field(64, ge=8, le=1024, description="Square side in pixels after centre crop.")
+    train_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each class in `train`.")
+    seed: int = 0
+    max_pixels: int = Field(
+        50_000_000, description="Images above this many pixels are refused before decoding."
+    )
+
+
+class S3Config(BaseModel):
+    """MinIO/S3 connection; credentials only ever come from the environment or a secret."""
+
+    endpoint: str = "127.0.0.1:9000"
+    access_key: SecretStr = SecretStr("")
+    secret_key: SecretStr = SecretStr("")
+    region: str | None = None
+    secure: bool = False
+    retries: int = Field(4, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+
+
+class Settings(BaseSettings):
+    """Root settings. ``Settings()`` reads the environment; pass keyword arguments to override."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDDIFFUSE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    home: Path = Field(Path(".meddiffuse"), description="Root of the embedded defaults.")
+    store: str = Field(
+        "", description="'' = <home>/store folder; a folder path; or s3://bucket/prefix."
+    )
+    tracking_uri: str = Field("", description="MLflow tracking URI; '' = SQLite under <home>.")
+    registry_uri: str = Field("", description="MLflow registry URI; '' = same as tracking.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    weights_dir: Path | None = Field(
+        None, description="Folder searched for local pretrained classifier weights."
+    )
+    ingest: IngestConfig = IngestConfig()
+    s3: S3Config = S3Config()
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @cached_property
+    def store_uri(self) -> str:
+        return self.store or str(self.home / "store")
+
+    @cached_property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @cached_property
+    def artifact_location(self) -> str:
+        return (self.home / "mlartifacts").resolve().as_uri()
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # local: config must stay importable without torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Settings from the environment with explicit overrides on top."""
+    return Settings(**overrides)
