@@ -32,10 +32,19 @@ class S3Config(BaseModel):
     endpoint: str = "127.0.0.1:9000"
     access_key: SecretStr = SecretStr("")
     secret_key: SecretStr = SecretStr("")
+    session_token: SecretStr = SecretStr("")
     region: str | None = None
     secure: bool = False
-    retries: int = Field(4, ge=0)
-    backoff_s: float = Field(0.5, ge=0)
+    retries: int = Field(4, ge=0, description="Retries after the first attempt on transient errors.")
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles on each retry.")
+    timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout of one request.")
+    part_size: int = Field(
+        16 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024 * 1024 * 1024,
+        description="Objects larger than this are uploaded in parts of this size (S3 limits: 5 MiB-5 GiB).",
+    )
+    verify_tls: bool = Field(True, description="Check the server certificate when `secure` is on.")
 
 
 class Settings(BaseSettings):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -271,7 +271,3 @@ class DatasetWriter:
                 self.store.delete(key)
         return Dataset(self.store, self.prefix, manifest)
 
-
-def iter_entries_with_images(dataset: Dataset, split: Split | None = None) -> Iterator[tuple[Entry, np.ndarray]]:
-    for entry in dataset.manifest.select(split):
-        yield entry, dataset.load_image(entry)

@@ -59,7 +59,7 @@ def brain_slice(label: str, rng: np.random.Generator, size: int) -> tuple[np.nda
         v = _blob(x, y, cx + side * 0.1, cy - 0.05, 0.06, 0.18, rng, 0.1, size)
         img[v & brain] = 0.15
     mask = np.zeros((size, size), bool)
-    contrast = rng.uniform(0.12, 0.35)
+    contrast = rng.uniform(0.18, 0.4)
     if label == "glioma":  # intra-axial, irregular, heterogeneous, ring-like, anywhere in a hemisphere
         side = rng.choice([-1, 1])
         lx, ly = cx + side * rng.uniform(0.2, 0.4), cy + rng.uniform(-0.4, 0.3)
@@ -75,7 +75,7 @@ def brain_slice(label: str, rng: np.random.Generator, size: int) -> tuple[np.nda
         mask = _blob(x, y, lx, ly, r, r, rng, 0.05, size) & brain
         img[mask] += contrast * 1.1
     elif label == "pituitary":  # small, midline, low (sella turcica)
-        r = rng.uniform(0.06, 0.11)
+        r = rng.uniform(0.08, 0.13)
         lx, ly = cx + rng.normal(0, 0.03), cy + rng.uniform(0.3, 0.45)
         mask = _blob(x, y, lx, ly, r * 1.2, r, rng, 0.1, size) & brain
         img[mask] += contrast * 1.2
