@@ -47,6 +47,50 @@ class S3Config(BaseModel):
     verify_tls: bool = Field(True, description="Check the server certificate when `secure` is on.")
 
 
+class ExperimentConfig(BaseModel):
+    """The study's protocol for one domain; every field is a CLI flag, a flow parameter and a service field."""
+
+    domain: str = "brain-mri"
+    data: Path | None = Field(None, description="Raw ImageFolder; None = a phantom folder made on the fly.")
+    test_data: Path | None = Field(None, description="Separate real test folder (deduplicated against train).")
+    name: str | None = Field(None, description="Experiment name; default = the domain.")
+    phantoms_per_class: int = Field(120, ge=4, description="Phantom images per class when data is None.")
+    resolution: int = Field(32, ge=8, le=512, description="Resolution of the datasets and the generator.")
+    train_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # generator
+    generator_preset: str = "cpu-small"
+    generator_steps: int | None = Field(None, ge=1)
+    generator_minutes: float | None = Field(10.0, gt=0)
+    checkpoint_every: int = Field(200, ge=1)
+    # synthetic set
+    synthetic_multiple: float = Field(1.0, gt=0, description="Synthetic set = K x the real training set.")
+    sampler: str = "dpmsolver++"
+    sampling_steps: int = Field(20, ge=1)
+    guidance: float = Field(2.0, ge=0)
+    filter_synthetic: bool = Field(False, description="Keep samples a real-train classifier agrees with.")
+    filter_min_confidence: float = Field(0.5, ge=0, le=1)
+    # classifiers
+    archs: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"])
+    weights: str = Field("auto", description="auto | none | a local weights file (applies to every arch).")
+    input_size: int | None = Field(None, description="Classifier input size; None = per-architecture default.")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    balanced: bool = False
+    early_stopping_patience: int | None = Field(4, ge=1)
+    train_data: list[str] = Field(default_factory=lambda: ["real", "synthetic", "mixed"])
+    # explanations and audit
+    explain_per_model: int = Field(4, ge=0, description="LIME explanations per classifier (right and wrong).")
+    lime_samples: int = Field(1000, ge=10)
+    audit: bool = True
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+
+    @property
+    def experiment_name(self) -> str:
+        return self.name or self.domain
+
+
 class Settings(BaseSettings):
     """Root settings. ``Settings()`` reads the environment; pass keyword arguments to override."""
 
@@ -69,6 +113,7 @@ class Settings(BaseSettings):
         None, description="Folder searched for local pretrained classifier weights."
     )
     ingest: IngestConfig = IngestConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
     s3: S3Config = S3Config()
 
     @field_validator("home", mode="after")

@@ -154,10 +154,10 @@ def lung_slice(label: str, rng: np.random.Generator, size: int) -> tuple[np.ndar
             side = rng.choice([-1, 1])
             px = side * rng.uniform(0.45, 0.6)
             py = cy + rng.uniform(-0.35, 0.35)
-            r = rng.uniform(0.08, 0.16)
+            r = rng.uniform(0.11, 0.2)
             patch = _blob(x, y, px, py, r, r * rng.uniform(0.7, 1.3), rng, 0.3, size) & lungs
             haze = np.clip(0.5 + 0.5 * _texture(rng, size, 1.0), 0, 1)
-            img[patch] += rng.uniform(0.1, 0.25) * haze[patch]
+            img[patch] += rng.uniform(0.15, 0.35) * (0.4 + 0.6 * haze[patch])
             mask |= patch
     img += rng.normal(0, 0.03, img.shape)
     img = gaussian_filter(img, 0.5 * size / 64)
