@@ -224,7 +224,7 @@ def test_bad_registrations_are_refused_before_logging():
     with pytest.raises(ValueError, match="finite"):
         register(small_cnn(seed=1), metrics={"tstr_accuracy": float("nan")})
     with pytest.raises(ValueError, match="contradicts"):
-        register(small_cnn(seed=1), metadata={"channels": 3})
+        register(small_cnn(seed=1), metadata={"in_chans": 3})
     with pytest.raises(ModelNotFound):
         list_versions(NAME)  # nothing was registered
 

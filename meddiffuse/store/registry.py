@@ -466,14 +466,20 @@ def _preprocessing_record(
         "domain": domain,
         "classes": classes,
         "arch": arch,
-        "channels": int(example.shape[1]),
+        "in_chans": int(example.shape[1]),
+        "channels": int(example.shape[1]),  # image channels; metadata may say 1 for a 3-channel model
         "input_size": [int(example.shape[2]), int(example.shape[3])],
         "layout": "NCHW",
         "dtype": "float32",
     }
     for key, value in (metadata or {}).items():
-        if key in ("classes", "channels", "input_size") and value != record[key]:
-            raise ValueError(f"metadata[{key!r}] = {value!r} contradicts the model: {record[key]!r}")
+        expected = record.get(key)
+        # a square side, as Classifier.metadata() records it, is compared as [side, side]
+        compared = [value, value] if key == "input_size" and isinstance(value, int) else value
+        if key in ("classes", "in_chans", "input_size") and compared != expected:
+            raise ValueError(f"metadata[{key!r}] = {value!r} contradicts the model: {expected!r}")
+        if key == "channels" and value not in (1, 3):
+            raise ValueError(f"metadata['channels'] must be 1 or 3, got {value!r}")
         record[key] = value
     try:
         json.dumps(record)
