@@ -83,6 +83,7 @@ class ExperimentConfig(BaseModel):
     explain_per_model: int = Field(4, ge=0, description="LIME explanations per classifier (right and wrong).")
     lime_samples: int = Field(1000, ge=10)
     audit: bool = True
+    audit_gate: float = Field(0.01, ge=0, le=1, description="Allowed excess share of likely copies.")
     register_models: bool = Field(True, description="Register every classifier in the MLflow registry.")
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0

@@ -288,12 +288,25 @@ class Experiment:
         )
 
     def audit(self) -> dict[str, Any]:
-        def run() -> dict[str, Any]:
-            from meddiffuse.quality import run_audit, save_audit
+        """Fidelity, diversity and memorisation of the synthetic set, in ImageNet and domain feature space."""
 
-            result = run_audit(self.synthetic, self.real, progress=self.progress, seed=self.config.seed)
-            save_audit(result, self.store, self.paths.audit)
-            return {"passed": result.passed, "summary": getattr(result, "summary", "")}
+        def run() -> dict[str, Any]:
+            from meddiffuse.classify import load_classifier
+            from meddiffuse.quality import classifier_extractor, record_audit, run_audit
+            from meddiffuse.quality.features import imagenet_extractor
+
+            # the domain space reuses the experiment's own real-train classifier instead of training one
+            arch = self.config.archs[0]
+            self.train_one(arch, "real")
+            domain_clf = load_classifier(self.paths.classifier(arch, "real"), self.store, self.settings)
+            extractors = {"imagenet": imagenet_extractor(), "domain": classifier_extractor(domain_clf)}
+            result = run_audit(self.synthetic, self.real, extractors=extractors, progress=self.progress,
+                               seed=self.config.seed, gate_flagged_share=self.config.audit_gate)
+            record_audit(result, self.store, self.settings, prefix=self.paths.audit)
+            if not result.passed:
+                self.log(f"[warn] synthetic data audit FAILED: {result.verdict()}")
+            return {"passed": result.passed, "summary": result.verdict(),
+                    "flagged_share": result.gate.flagged_share}
 
         return self._stage("audit", run)
 
