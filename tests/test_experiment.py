@@ -1,0 +1,95 @@
+"""The study end to end on phantoms, at toy scale: stages, disjoint splits, report, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meddiffuse.config import ExperimentConfig
+from meddiffuse.experiment import Experiment
+
+
+def toy_config(**overrides) -> ExperimentConfig:
+    base = dict(
+        domain="covid-ct", name="toy", phantoms_per_class=12, resolution=32, train_fraction=0.5,
+        generator_preset="tiny", generator_steps=4, generator_minutes=None, checkpoint_every=2,
+        synthetic_multiple=1.0, sampling_steps=2, archs=["resnet18"], weights="none", input_size=32,
+        epochs=1, early_stopping_patience=None, explain_per_model=1, lime_samples=60, bootstrap=50,
+        register_models=True,
+    )
+    return ExperimentConfig(**(base | overrides))
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_experiment_runs_resumes_and_reports(settings):
+    cfg = toy_config()
+    seen: list[str] = []
+
+    def die_at_classifiers(msg: str) -> None:
+        seen.append(msg)
+        if "classifier-resnet18-synthetic" in msg and msg.startswith("[run ]"):
+            raise Killed("simulated kill")
+
+    with pytest.raises(Killed):
+        Experiment(cfg, settings, progress=False, log=die_at_classifiers).run()
+    first = Experiment(cfg, settings, progress=False, log=lambda m: None)
+    assert first.done("ingest") and first.done("generator") and first.done("synthesize")
+    assert first.done("classifier-resnet18-real") and not first.done("classifier-resnet18-synthetic")
+
+    log: list[str] = []
+    out = Experiment(cfg, settings, progress=False, log=log.append).run()
+    # finished stages are skipped, the rest run
+    assert any(m.startswith("[skip] generator") for m in log)
+    assert any(m.startswith("[skip] classifier-resnet18-real") for m in log)
+    assert any(m.startswith("[run ] classifier-resnet18-synthetic") for m in log)
+
+    exp = Experiment(cfg, settings, progress=False, log=lambda m: None)
+    real, synthetic = exp.real, exp.synthetic
+    test_hashes = {e.sha256 for e in real.manifest.select("test")}
+    train_hashes = {e.sha256 for e in real.manifest.select("train")}
+    assert test_hashes and train_hashes and not test_hashes & train_hashes
+    assert not {e.sha256 for e in synthetic.manifest.entries} & test_hashes
+    assert all(e.origin.kind == "synthetic" and e.origin.seed is not None for e in synthetic.manifest.entries)
+    # K x the real training set, balanced per class
+    counts = synthetic.manifest.counts()["train"]
+    assert len(set(counts.values())) == 1 and sum(counts.values()) >= len(train_hashes)
+
+    rows = {(r["arch"], r["train_data"]): r for r in out["results"]}
+    assert set(rows) == {("resnet18", "real"), ("resnet18", "synthetic"), ("resnet18", "mixed")}
+    for r in rows.values():
+        assert 0.0 <= r["accuracy"] <= 1.0
+        lo, hi = r["accuracy_ci95"]
+        assert lo <= r["accuracy"] <= hi
+        assert r["n"] == len(test_hashes)
+        assert r["pretrained"] is None  # weights="none" is recorded as scratch
+    assert rows[("resnet18", "mixed")]["n_train"] == (
+        rows[("resnet18", "real")]["n_train"] + rows[("resnet18", "synthetic")]["n_train"]
+    )
+
+    html = (settings.home / "reports" / "toy" / "report.html").read_text()
+    for section in ("Summary", "Results on unseen real test images", "Confusion matrices",
+                    "Synthetic samples beside real examples", "Synthetic data audit",
+                    "What the classifiers look at (LIME)", "Configuration"):
+        assert section in html, section
+    assert "data:image/png;base64," in html  # images inline: the file stands alone
+    results = json.loads((settings.home / "reports" / "toy" / "results.json").read_text())
+    assert {r["train_data"] for r in results["results"]} == {"real", "synthetic", "mixed"}
+    md = (settings.home / "reports" / "toy" / "results.md").read_text()
+    assert md.count("| resnet18 |") == 3
+
+    from meddiffuse.store.registry import classifier_model_name, list_versions
+
+    assert len(list_versions(classifier_model_name("covid-ct"), settings)) == 3
+
+
+def test_experiment_rejects_bad_requests(settings, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        Experiment(toy_config(data=tmp_path / "missing"), settings)
+    with pytest.raises(ValueError, match="unknown train data"):
+        Experiment(toy_config(train_data=["real", "imagined"]), settings)
+    with pytest.raises(ValueError):
+        Experiment(toy_config(archs=["not_a_real_net"]), settings)
