@@ -60,7 +60,7 @@ def main() -> None:
 
     t0 = time.monotonic()
     cfg = create_generator_config("cpu-small", domain, a.resolution)
-    info = train_generator(real, cfg, store, "generators/bench", max_minutes=a.minutes, max_steps=10**9,
+    info = train_generator(real, cfg, store, "generators/bench", max_minutes=a.minutes, max_steps=None,
                            checkpoint_every=10**6, seed=a.seed, settings=settings, track=False)
     train_s = time.monotonic() - t0
 

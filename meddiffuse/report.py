@@ -166,15 +166,15 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     grids = [k for k in r.get("grids", [])]
     if grids:
         parts.append("<h2>Synthetic samples beside real examples</h2>"
-                     "<p class='muted'>Each row: real training images (left of the gap), then generated images "
-                     "conditioned on that class.</p><div class='grid'>")
+                     "<p class='muted'>Per class: images generated for that class (left) beside real training "
+                     "images of the class (right).</p><div class='grid'>")
         for key in grids:
             if key in images:
                 parts.append(f"<p><b>{html.escape(key.rsplit('/', 1)[-1])}</b><br>{png_tag(images[key], key)}</p>")
         parts.append("</div>")
     # audit
     if r.get("audit_html"):
-        parts.append("<h2>Synthetic data audit</h2>" + r["audit_html"])
+        parts.append(r["audit_html"])  # brings its own heading
     # explanations
     expl = r.get("explanations", [])
     if expl:
