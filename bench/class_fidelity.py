@@ -36,6 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domain", default="brain-mri", help="brain-mri | all | covid-ct | phantom-<domain>")
     p.add_argument("--minutes", type=float, default=10.0, help="generator wall-clock budget")
+    p.add_argument("--steps", type=int, help="generator step budget (reproducible under CPU contention)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--per-class", type=int, default=64, help="generated images per class")
     p.add_argument("--guidance", type=float, default=2.0)
@@ -60,8 +61,8 @@ def main() -> None:
 
     t0 = time.monotonic()
     cfg = create_generator_config("cpu-small", domain, a.resolution)
-    info = train_generator(real, cfg, store, "generators/bench", max_minutes=a.minutes, max_steps=None,
-                           checkpoint_every=10**6, seed=a.seed, settings=settings, track=False)
+    info = train_generator(real, cfg, store, "generators/bench", max_minutes=None if a.steps else a.minutes,
+                           max_steps=a.steps, checkpoint_every=10**6, seed=a.seed, settings=settings, track=False)
     train_s = time.monotonic() - t0
 
     gen = load_generator("generators/bench", store, settings)
@@ -86,7 +87,8 @@ def main() -> None:
         "judge_accuracy_on_real_test": real_test.accuracy,
         "real_train_images": n_train,
         "generator": {"preset": "cpu-small", "parameters": info.parameters, "steps": info.steps_trained,
-                      "minutes": a.minutes, "train_seconds": round(train_s, 1),
+                      "minutes": None if a.steps else a.minutes, "step_budget": a.steps,
+                      "train_seconds": round(train_s, 1),
                       "images_per_second": info.images_per_second, "final_loss": info.final_loss},
         "sampling": {"sampler": "dpmsolver++", "steps": 20, "guidance": a.guidance, "per_class": a.per_class,
                      "images_per_second": len(labels) / sample_s},

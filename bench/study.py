@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import real_data, write_result  # noqa: E402
 from meddiffuse.config import ExperimentConfig, Settings  # noqa: E402
 from meddiffuse.experiment import Experiment  # noqa: E402
+from meddiffuse.report import tstr_ratios  # noqa: E402
 
 SMALL = {"minutes": 8.0, "per_class": 96, "epochs": 8}
 FULL = {"minutes": 30.0, "per_class": 256, "epochs": 15}
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
     p.add_argument("--scale", default="small", choices=["small", "full"])
     p.add_argument("--minutes", type=float, help="generator wall-clock budget")
+    p.add_argument("--steps", type=int, help="generator step budget instead (reproducible under CPU contention)")
     p.add_argument("--per-class", type=int, help="synthetic images per class")
     p.add_argument("--epochs", type=int)
     p.add_argument("--guidance", type=float, default=2.0)
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     n_train = len(probe.real.manifest.select("train"))
     config = ExperimentConfig(
         domain=a.domain, data=data, name=f"bench-{a.domain}", resolution=32, train_fraction=0.2,
-        generator_preset="cpu-small", generator_minutes=minutes, checkpoint_every=500,
+        generator_preset="cpu-small", generator_minutes=None if a.steps else minutes, generator_steps=a.steps,
+        checkpoint_every=500,
         synthetic_multiple=per_class * probe.domain.num_classes / n_train, guidance=a.guidance,
         archs=a.archs, epochs=a.epochs or scale["epochs"], input_size=96, explain_per_model=0,
         register_models=False, seed=a.seed,
@@ -73,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     path = write_result(f"study-{a.domain}", {
         "domain": a.domain, "scale": a.scale, "results": results,
-        "ratios": __import__("meddiffuse.report", fromlist=["tstr_ratios"]).tstr_ratios(out["results"]),
+        "ratios": tstr_ratios(out["results"]),
         "generator": {k: gen.get(k) for k in ("preset", "parameters", "steps", "seconds", "final_loss",
-                                                "images_per_second")} | {"minutes": minutes},
+                                                "images_per_second")}
+        | {"minutes": None if a.steps else minutes, "step_budget": a.steps},
         "synthetic_per_class": per_class, "guidance": a.guidance, "sampler": "dpmsolver++", "sampling_steps": 20,
         "resolution": 32, "classifier_input": 96, "epochs": config.epochs, "seed": a.seed,
         "audit": {"passed": audit.get("passed"), "summary": audit.get("summary"), "details": audit_full},
