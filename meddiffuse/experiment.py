@@ -168,7 +168,7 @@ class Experiment:
             resume = bool(self.store.list(f"{self.paths.generator}/checkpoints/"))
             info = train_generator(
                 self.real, gcfg, self.store, self.paths.generator,
-                max_steps=c.generator_steps, max_minutes=c.generator_minutes if not c.generator_steps else None,
+                max_steps=c.generator_steps, max_minutes=c.generator_minutes,  # whichever comes first
                 resume=resume, checkpoint_every=c.checkpoint_every, seed=c.seed, settings=self.settings,
                 progress=self.progress, overwrite=not resume,
             )

@@ -27,7 +27,7 @@ from meddiffuse.classify.weights import bundled_weights_path
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.config import Settings
 from meddiffuse.data.dataset import Dataset, DatasetNotFound, open_dataset
-from meddiffuse.domains import Domain, UnknownDomainError, get_domain
+from meddiffuse.domains import Domain
 from meddiffuse.store import create_store
 
 TrainOn = Literal["auto", "real", "synthetic", "mixed"]
@@ -37,11 +37,7 @@ _USER_ERRORS = (DatasetNotFound, ClassifierNotFound, WeightsError, UnknownArchit
 
 def dataset_domain(dataset: Dataset) -> Domain:
     """The registered domain of a dataset, or one rebuilt from its manifest (custom domains)."""
-    m = dataset.manifest
-    try:
-        return get_domain(m.domain)
-    except UnknownDomainError:
-        return Domain(name=m.domain, classes=m.classes, channels=m.channels)
+    return dataset.domain
 
 
 def eval_tables(result: EvalResult, title: str) -> list[Table]:

@@ -24,7 +24,7 @@ def experiment_cmd(
     synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | gpu-base")] = None,
     generator_minutes: Annotated[float | None, typer.Option(help="Generator wall-clock budget")] = None,
-    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (overrides minutes)")] = None,
+    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (first of steps/minutes)")] = None,
     resolution: Annotated[int | None, typer.Option(help="Dataset/generator resolution")] = None,
     epochs: Annotated[int | None, typer.Option(help="Classifier epochs")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale")] = None,

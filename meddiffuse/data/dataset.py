@@ -126,6 +126,17 @@ class Dataset:
     def classes(self) -> list[str]:
         return self.manifest.classes
 
+    @property
+    def domain(self) -> Domain:
+        """The registered domain, or one rebuilt from the manifest (custom ImageFolder domains)."""
+        from meddiffuse.domains import UnknownDomainError, get_domain
+
+        m = self.manifest
+        try:
+            return get_domain(m.domain)
+        except UnknownDomainError:
+            return Domain(name=m.domain, classes=m.classes, channels=m.channels)
+
     def key(self, relative: str) -> str:
         return f"{self.prefix}/{relative}"
 

@@ -8,7 +8,6 @@ library makes for the same class and seed.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -121,7 +120,7 @@ def log_generator_model(
     The version (of ``meddiffuse-generator-<domain>`` by default) is tagged with domain, classes,
     resolution, dataset id and steps trained, plus ``tags``; ``alias`` (e.g. ``champion``) is optional.
     """
-    from meddiffuse.store.registry import generator_model_name, register_logged_model
+    from meddiffuse.store.registry import generator_model_name, pinned_requirements, register_logged_model
     from meddiffuse.store.tracking import configure_mlflow, tracked_run
 
     settings = settings or Settings()
@@ -151,14 +150,9 @@ def log_generator_model(
                 artifacts={ARTIFACT_KEY: str(folder)},
                 signature=generator_signature(meta),
                 # given, not inferred: inference re-imports the model in a subprocess (slow, may try the network)
-                pip_requirements=_pinned("torch", "diffusers", "safetensors", "numpy", "pydantic"),
+                pip_requirements=pinned_requirements("torch", "diffusers", "safetensors", "numpy", "pydantic"),
             )
     return register_logged_model(logged.model_uri, name, tags=version_tags, alias=alias, settings=settings)
 
 
-def _pinned(*packages: str) -> list[str]:
-    pinned = []
-    for package in packages:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            pinned.append(f"{package}=={importlib.metadata.version(package)}")
-    return pinned
+

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from meddiffuse.domains import Domain, UnknownDomainError, get_domain
+from meddiffuse.domains import Domain
 
 if TYPE_CHECKING:
     from meddiffuse.config import Settings
@@ -30,11 +30,7 @@ LOCAL = "local"
 
 def domain_of(dataset: Dataset) -> Domain:
     """The dataset's registered domain, or one rebuilt from its manifest (custom ImageFolder domains)."""
-    m = dataset.manifest
-    try:
-        return get_domain(m.domain)
-    except UnknownDomainError:
-        return Domain(name=m.domain, classes=m.classes, channels=m.channels)
+    return dataset.domain
 
 
 def extract_features(

@@ -428,7 +428,7 @@ def register_classifier(
                     metadata={"meddiffuse": preprocessing},
                     # given, not inferred: inference re-imports the model in a subprocess (slow, and
                     # it may try the network)
-                    pip_requirements=_pinned_requirements("torch", "numpy"),
+                    pip_requirements=pinned_requirements("torch", "numpy"),
                 )
     return register_logged_model(logged.model_uri, name, tags=tags, alias=alias, settings=settings)
 
@@ -523,7 +523,7 @@ def _classifier_run(
         yield run
 
 
-def _pinned_requirements(*packages: str) -> list[str]:
+def pinned_requirements(*packages: str) -> list[str]:
     pinned = []
     for package in packages:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
