@@ -1,0 +1,416 @@
+"""Render the README's benchmark tables from bench/results/*.json (never typed by hand).
+
+Replaces what lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md (or appends a
+"## Benchmarks" section holding the markers). ``render_section(results)`` is pure: a dict of result
+name (the JSON file's stem, e.g. ``"sampling"``) to its payload in, Markdown out.
+
+    python bench/render.py            # rewrite README.md
+    python bench/render.py --check    # exit 1 if README.md is not up to date
+    python bench/render.py --stdout   # print the section only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+START = "<!-- bench:start -->"
+END = "<!-- bench:end -->"
+STUDY_DOMAINS = ("brain-mri", "all", "covid-ct")
+FIDELITY_DOMAINS = ("phantom-brain-mri", "brain-mri")
+OK, FAIL = "✅", "❌"
+
+
+# -- formatting helpers ------------------------------------------------------------------------------------
+def _num(x: Any, nd: int = 3) -> str:
+    if x is None or isinstance(x, bool) or not isinstance(x, int | float):
+        return "—"
+    return f"{x:.{nd}f}"
+
+
+def _ci(ci: Any, nd: int = 3) -> str:
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
+        return f" [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+    return ""
+
+
+def _ratio(x: Any, nd: int = 1) -> str:
+    return f"{x:.{nd}f}×" if isinstance(x, int | float) and not isinstance(x, bool) else "—"
+
+
+def _row(cells: Iterable[Any]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
+
+
+def _mark(met: Any) -> str:
+    return OK if met is True else FAIL if met is False else "—"
+
+
+def _get(d: Any, *path: str, default: Any = None) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def machine_line(d: dict[str, Any]) -> str:
+    """'Measured on <date>, <cpu> (N CPUs, GPU), torch x, diffusers y, T threads[, scale s].'"""
+    m = d.get("machine") or {}
+    cpu = _get(d, "peak", "model") or m.get("processor") or "unknown CPU"
+    parts = [f"{cpu}, {m.get('cpu_count', '?')} CPUs"]
+    if m.get("cuda"):
+        parts.append(str(m["cuda"]))
+    versions = m.get("versions") or {}
+    libs = ", ".join(f"{k} {versions[k]}" for k in ("torch", "diffusers", "timm") if k in versions)
+    threads = d.get("threads", m.get("torch_threads"))
+    extra = [libs] if libs else []
+    if threads is not None:
+        extra.append(f"{threads} torch threads")
+    if d.get("scale"):
+        extra.append(f"scale {d['scale']}")
+    if d.get("seed") is not None:
+        extra.append(f"seed {d['seed']}")
+    return f"_Measured {d.get('date', '?')} on {'; '.join(parts)}" + (f" ({', '.join(extra)})" if extra else "") + "._"
+
+
+def _targets(d: dict[str, Any]) -> list[str]:
+    out = []
+    for t in d.get("targets") or []:
+        if isinstance(t, dict):
+            out.append(f"- {_mark(t.get('met'))} target: {t.get('target', '?')} — measured {t.get('measured', '?')}")
+    return out
+
+
+def _budget(gen: dict[str, Any]) -> str:
+    if isinstance(gen.get("minutes"), int | float):
+        return f"{gen['minutes']:g} min"
+    return f"{gen['step_budget']} steps" if gen.get("step_budget") else "—"
+
+
+def _not_run(command: str) -> list[str]:
+    return [f"_Not run yet_ (`{command}`)."]
+
+
+# -- sections ------------------------------------------------------------------------------------------------
+def study_section(results: dict[str, dict]) -> list[str]:
+    lines = ["### Study: TRTR, TSTR and mixed on unseen real images", ""]
+    domains = list(STUDY_DOMAINS) + sorted(k.removeprefix("study-") for k in results
+                                           if k.startswith("study-") and k.removeprefix("study-") not in STUDY_DOMAINS)
+    rows, audit_rows, notes = [], [], []
+    for domain in domains:
+        d = results.get(f"study-{domain}")
+        if d is None:
+            notes.append(f"- {domain}: _not run yet_ (`python bench/study.py --domain {domain}`).")
+            continue
+        ratios = d.get("ratios") or {}
+        order = {"real": 0, "synthetic": 1, "mixed": 2}
+        for r in sorted(d.get("results") or [], key=lambda r: (str(r.get("arch")), order.get(r.get("train_data"), 9))):
+            kind = r.get("train_data")
+            label = {"real": "real (TRTR)", "synthetic": "synthetic (TSTR)", "mixed": "mixed"}.get(kind, kind)
+            ratio = _get(ratios, r.get("arch"), f"{kind}/real") if kind in ("synthetic", "mixed") else None
+            rows.append([domain, r.get("arch"), label, f"{_num(r.get('accuracy'))}{_ci(r.get('accuracy_ci95'))}",
+                         _num(r.get("balanced_accuracy")), _num(r.get("macro_f1")),
+                         _num(ratio, 2) if ratio is not None else "—", r.get("n_train", "—")])
+        audit = d.get("audit") or {}
+        gate = _get(audit, "details", "gate") or {}
+        audit_rows.append([domain, _pct(gate.get("flagged_share", audit.get("flagged_share"))),
+                           _pct(gate.get("expected_share")), _pct(gate.get("max_flagged_share")),
+                           _mark(audit.get("passed")), audit.get("summary") or "—"])
+        gen = d.get("generator") or {}
+        budget = _budget(gen)
+        notes.append(f"- {domain}: {machine_line(d)} Generator {gen.get('preset', '?')} {budget} "
+                     f"({gen.get('steps', '?')} steps trained), {d.get('synthetic_per_class', '?')} synthetic "
+                     f"images per class ({d.get('sampler', '?')}, {d.get('sampling_steps', '?')} steps, guidance "
+                     f"{d.get('guidance', '?')}), classifiers {d.get('epochs', '?')} epochs at "
+                     f"{d.get('classifier_input', '?')} px; {d.get('minutes_total', '?')} min in all.")
+        notes += ["  " + t for t in _targets(d)]
+    if rows:
+        lines += _table(["domain", "architecture", "train data", "accuracy [95% CI]", "balanced acc.", "macro-F1",
+                         "accuracy ÷ TRTR", "train images"], rows)
+        lines += ["", "Synthetic data audit (memorisation gate):", ""]
+        lines += _table(["domain", "flagged share", "expected share", "allowed excess", "gate", "verdict"],
+                        audit_rows)
+        lines.append("")
+    return lines + notes + [""]
+
+
+def _share(percent: Any) -> str:
+    return f"{percent:.1f}%" if isinstance(percent, int | float) and not isinstance(percent, bool) else "—"
+
+
+def _pct(x: Any, nd: int = 1) -> str:
+    return f"{100 * x:.{nd}f}%" if isinstance(x, int | float) and not isinstance(x, bool) else "—"
+
+
+def fidelity_section(results: dict[str, dict]) -> list[str]:
+    lines = ["### Class fidelity of the generator", "",
+             "Share of generated images that a classifier trained on the real training split assigns to the "
+             "class they were conditioned on.", ""]
+    domains = list(FIDELITY_DOMAINS) + sorted(
+        k.removeprefix("class-fidelity-") for k in results
+        if k.startswith("class-fidelity-") and k.removeprefix("class-fidelity-") not in FIDELITY_DOMAINS)
+    rows, notes = [], []
+    for domain in domains:
+        d = results.get(f"class-fidelity-{domain}")
+        if d is None:
+            notes.append(f"- {domain}: _not run yet_ (`python bench/class_fidelity.py --domain {domain}`).")
+            continue
+        gen = d.get("generator") or {}
+        per_class = d.get("per_class_fidelity") or {}
+        budget = _budget(gen)
+        rows.append([domain, f"{_num(d.get('class_fidelity'))}{_ci(d.get('class_fidelity_ci95'))}",
+                     ", ".join(f"{k} {_num(v, 2)}" for k, v in per_class.items()) or "—",
+                     _num(d.get("judge_accuracy_on_real_test")),
+                     f"{gen.get('preset', '?')}, {budget} ({gen.get('steps', '?')} steps)",
+                     _get(d, "sampling", "per_class", default="—")])
+        notes.append(f"- {domain}: {machine_line(d)}")
+        notes += ["  " + t for t in _targets(d)]
+    if rows:
+        lines += _table(["domain", "class fidelity [95% CI]", "per class", "judge accuracy (real test)",
+                         "generator", "samples per class"], rows)
+        lines.append("")
+    return lines + notes + [""]
+
+
+def sampling_section(d: dict[str, Any] | None) -> list[str]:
+    lines = ["### Sampling: our sampler against stock 1000-step DDPM (same UNet)", ""]
+    if d is None:
+        return lines + _not_run("python bench/sampling.py") + [""]
+    ours, ddpm, ref = d.get("ours") or {}, d.get("ddpm") or {}, d.get("real_reference")
+    rows = []
+    for name, arm in (("ours: DPM-Solver++", ours), ("stock DDPM (diffusers DDPMScheduler)", ddpm)):
+        t = arm.get("tstr") or {}
+        rows.append([name, arm.get("steps", "—"), arm.get("guidance", "—"), _num(arm.get("images_per_second"), 3),
+                     _ratio(d.get("speedup")) if arm is ours else "1.0×",
+                     f"{_num(t.get('accuracy'))}{_ci(t.get('accuracy_ci95'))}", _seeds(t),
+                     _num(t.get("balanced_accuracy")), t.get("n_train", "—")])
+    if ref:
+        rows.append([f"reference: {ref.get('n_train', '?')} real training images", "—", "—", "—", "—",
+                     f"{_num(ref.get('accuracy'))}{_ci(ref.get('accuracy_ci95'))}", _seeds(ref),
+                     _num(ref.get("balanced_accuracy")), ref.get("n_train", "—")])
+    lines += _table(["sampler", "steps", "guidance", "images/s", "speed-up", "TSTR accuracy [95% CI]",
+                     "per classifier seed", "balanced acc.", "train images"], rows)
+    gen, budget = d.get("generator") or {}, d.get("budget") or {}
+    diff, diff_ci = d.get("tstr_difference_points"), d.get("tstr_difference_ci95_points")
+    lines += ["", f"TSTR difference ours − DDPM: {_num(diff, 1)} points{_ci(diff_ci, 1)} (paired bootstrap on the "
+                  f"same {_get(ours, 'tstr', 'n_test', default='?')} real test images); classifier "
+                  f"{_get(ours, 'tstr', 'arch', default='?')}, {budget.get('classifier_epochs', '?')} epochs at "
+                  f"{budget.get('classifier_input', '?')} px, accuracy averaged over "
+                  f"{budget.get('classifier_seeds', '?')} classifier seeds (the CIs resample test images only; the "
+                  "seed-to-seed spread is the larger uncertainty at this sample size).",
+              f"Generator: {gen.get('preset', '?')} ({_num((gen.get('parameters') or 0) / 1e6, 2)} M parameters), "
+              f"{gen.get('steps', '?')} steps on {d.get('data', '?')} {d.get('domain', '?')} at "
+              f"{d.get('resolution', '?')} px; {budget.get('images', '?')} images per arm in batches of "
+              f"{budget.get('batch_size', '?')}.", "", machine_line(d), *_targets(d), ""]
+    return lines
+
+
+def _seeds(t: dict[str, Any]) -> str:
+    accs = [r.get("accuracy") for r in t.get("per_seed") or [] if isinstance(r, dict)]
+    return ", ".join(_num(x) for x in accs) or "—"
+
+
+def explain_section(d: dict[str, Any] | None) -> list[str]:
+    """LIME benchmark: per method latency, speed-up and IoU from its ``summary``; other layouts flattened."""
+    lines = ["### LIME: batched explanations against `lime_image`", ""]
+    if d is None:
+        return lines + _not_run("python bench/explain.py") + [""]
+    summary = d.get("summary") if isinstance(d.get("summary"), dict) else {}
+    methods = [m for m, v in summary.items() if isinstance(v, dict) and "median_seconds" in v]
+    if methods:
+        rows = []
+        for m in methods:
+            v = summary[m]
+            ious = [f"{k.removeprefix('mean_iou_').split('_vs_')[0]} {_num(x, 2)}" for k, x in summary.items()
+                    if "iou" in k and k.endswith(f"_vs_{m}")]
+            setting = _get(d, "settings", m)
+            rows.append([f"`{m}`", _num(v.get("median_seconds"), 2), _num(v.get("median_model_seconds"), 2),
+                         _ratio(summary.get(f"speedup_vs_{m}"), 2) if f"speedup_vs_{m}" in summary else "—",
+                         ", ".join(ious) or "—", setting if isinstance(setting, str) else "—"])
+        lines += _table(["method", "median s / image", "of which model s", "ours is faster by", "IoU with ours",
+                         "call"], rows)
+        settings = d.get("settings") or {}
+        clf = settings.get("classifier") or {}
+        lines += ["", f"{settings.get('num_samples', '?')} LIME samples per explanation, {settings.get('images', '?')}"
+                      f" images × {settings.get('repeats', '?')} repeats at {settings.get('resolution', '?')} px; "
+                      f"classifier {clf.get('arch', '?')} at {clf.get('input_size', '?')} px "
+                      f"(held-out accuracy {_num(clf.get('held_out_accuracy'))})."]
+    else:
+        flat = [(k, v) for k, v in _flatten(d) if not k.startswith(("machine", "targets", "benchmark", "date"))]
+        lines += _table(["measure", "value"], [[k, _value(v)] for k, v in flat[:30]]) if flat else [
+            "_No figures in explain.json._"]
+    return lines + ["", machine_line(d), *_targets(d), ""]
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(d, int | float | str | bool) or d is None:
+        if not (isinstance(d, str) and len(d) > 80):
+            out.append((prefix, d))
+    elif isinstance(d, list) and len(d) <= 4 and all(isinstance(v, int | float) for v in d):
+        out.append((prefix, d))
+    return out
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return _mark(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return "—" if v is None else str(v)
+
+
+def train_speed_section(d: dict[str, Any] | None) -> list[str]:
+    lines = ["### Diffusion training speed and UNet FLOP rate", ""]
+    if d is None:
+        return lines + _not_run("python bench/train_speed.py") + [""]
+    tr, unet, budget = d.get("training") or {}, d.get("unet") or {}, d.get("budget") or {}
+    rows = []
+    for name, key, gkey in (("ours: `train_generator`", "ours", "ours_gflops"),
+                            ("minimal diffusers-example loop", "minimal", "minimal_gflops")):
+        arm = tr.get(key) or {}
+        runs = ", ".join(_num(x, 1) for x in arm.get("runs") or [])
+        rows.append([name, _num(arm.get("images_per_second"), 1), runs or "—", _num(tr.get(gkey), 1)])
+    lines += _table(["training loop", "images/s (median)", "repeats", "GFLOP/s (fwd+bwd)"], rows)
+    lines += ["", f"Ours ÷ minimal: {_ratio(tr.get('ratio_ours_to_minimal'), 2)} — UNet {unet.get('preset', '?')} "
+                  f"({_num((unet.get('parameters') or 0) / 1e6, 2)} M parameters) at {unet.get('resolution', '?')} px, "
+                  f"batch {budget.get('batch_size', '?')}, {budget.get('timed_steps', '?')} timed steps after "
+                  f"{budget.get('warmup_steps', '?')} warm-up, {budget.get('repeats', '?')} repeats alternating.", ""]
+    fwd, peak = d.get("forward") or {}, d.get("peak") or {}
+    lever_rows = []
+    for v in fwd.get("levers") or []:
+        if v.get("error"):
+            lever_rows.append([v.get("name"), v.get("batch", "—"), v.get("threads", "—"), "failed", "—", "—", "—",
+                               v["error"][:80]])
+            continue
+        note = f"compile {v['compile_seconds']:.0f} s" if v.get("compile_seconds") else ""
+        lever_rows.append([v.get("name"), v.get("batch"), v.get("threads"), _num(v.get("images_per_second"), 1),
+                           _num(v.get("gflops"), 1), _share(v.get("percent_of_peak")),
+                           _share(v.get("percent_of_used_cores_peak")), note])
+    if lever_rows:
+        lines += [f"UNet forward ({_num(fwd.get('gflop_per_image'), 3)} GFLOP per image, counted by "
+                  "`FlopCounterMode`, multiply-add = 2):", ""]
+        lines += _table(["lever", "batch", "threads", "images/s", "GFLOP/s", "% of fp32 peak",
+                                      "% of its threads' cores' peak", "note"], lever_rows)
+        lines.append("")
+    if peak.get("gflops_fp32"):
+        lines.append(f"fp32 peak {peak['gflops_fp32']:.0f} GFLOP/s = {peak.get('cores')} cores × "
+                     f"{_num(peak.get('mhz'), 0)} MHz ({peak.get('mhz_source')}) × "
+                     f"{peak.get('flop_per_cycle_per_core')} FLOP/cycle; {peak.get('assumption', '')}.")
+    elif peak:
+        lines.append(f"Peak: {peak.get('assumption', 'unknown')}.")
+    sgemm = d.get("sgemm_reference") or {}
+    if sgemm:
+        lines.append("For scale, a plain fp32 2048² matmul in the same run: "
+                     + ", ".join(f"{_num(v, 1)} GFLOP/s on {k}" for k, v in sgemm.items()) + ".")
+    return lines + ["", machine_line(d), *_targets(d), ""]
+
+
+def runner_section(results: dict[str, dict]) -> list[str]:
+    lines = []
+    for name in sorted(k for k in results if k.startswith("runner-")):
+        d = results[name]
+        rows = [[b.get("name"), _mark(b.get("ok")), _num(b.get("minutes"), 1), _num(b.get("expected_minutes"), 0)]
+                for b in d.get("benchmarks") or []]
+        lines += [f"### Last `python -m bench --scale {d.get('scale', '?')}` run", ""]
+        lines += _table(["benchmark", "ok", "minutes", "expected"], rows)
+        total, limit = d.get("minutes_total"), d.get("limit_minutes")
+        met = None if total is None or limit is None else total <= limit
+        lines += ["", f"{_mark(met)} total {_num(total, 1)} min (limit {_num(limit, 0)} min). {machine_line(d)}", ""]
+    return lines
+
+
+def summary_section(results: dict[str, dict]) -> list[str]:
+    rows = []
+    for name in sorted(results):
+        for t in results[name].get("targets") or []:
+            if isinstance(t, dict):
+                rows.append([name, t.get("target", "?"), t.get("measured", "?"), _mark(t.get("met"))])
+    if not rows:
+        return []
+    return ["Targets at a glance:", "", *_table(["benchmark", "target", "measured", "met"], rows), ""]
+
+
+def render_section(results: dict[str, dict]) -> str:
+    """The README's benchmark section, markers included, from {result name: payload}."""
+    lines = [START, "<!-- generated by bench/render.py from bench/results/*.json: edit those, not this -->", "",
+             "`make bench` runs every benchmark at small scale (budgeted for under 90 minutes on 2 CPU cores) and "
+             "then rewrites this section; `make bench-full` runs the larger scale (on a GPU when present). Each "
+             "benchmark also runs alone: `python bench/<name>.py --help`. Timings are medians of repeated runs; "
+             "comparisons are ratios measured side by side in one run.", ""]
+    lines += summary_section(results)
+    lines += study_section(results)
+    lines += fidelity_section(results)
+    lines += sampling_section(results.get("sampling"))
+    lines += explain_section(results.get("explain"))
+    lines += train_speed_section(results.get("train-speed"))
+    lines += runner_section(results)
+    while lines and lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines) + "\n" + END
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with ``section`` between (and including) the markers; appended as "## Benchmarks" if absent."""
+    start, end = text.find(START), text.find(END)
+    if start != -1 and end > start:
+        return text[:start] + section + text[end + len(END):]
+    return text.rstrip("\n") + "\n\n## Benchmarks\n\n" + section + "\n"
+
+
+def load_results(folder: Path = RESULTS) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"[render] skipping {path.name}: {exc}", file=sys.stderr)
+            continue
+        if isinstance(data, dict):
+            results[path.stem] = data
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--check", action="store_true", help="exit 1 if the README's section is out of date")
+    p.add_argument("--stdout", action="store_true", help="print the section instead of writing the README")
+    a = p.parse_args(argv)
+    section = render_section(load_results(a.results))
+    if a.stdout:
+        print(section)
+        return 0
+    old = a.readme.read_text() if a.readme.exists() else ""
+    new = replace_section(old, section)
+    if a.check:
+        if new != old:
+            print(f"[render] {a.readme} is out of date: run python bench/render.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        a.readme.write_text(new)
+    print(f"[render] {'updated' if new != old else 'unchanged'}: {a.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""bench/render.py: README benchmark tables from result dicts (synthetic fixtures; no benchmark runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.render import END, START, load_results, main, render_section, replace_section
+
+MACHINE = {"platform": "Linux", "processor": "x86_64", "cpu_count": 2, "torch_threads": 2, "cuda": None,
+           "versions": {"torch": "2.14.1", "diffusers": "0.42.1", "timm": "1.0.31"}}
+
+
+def study(domain: str) -> dict:
+    rows = [
+        {"arch": "efficientnet_lite0", "train_data": "real", "accuracy": 0.91, "accuracy_ci95": [0.90, 0.92],
+         "balanced_accuracy": 0.905, "macro_f1": 0.90, "n_train": 933},
+        {"arch": "efficientnet_lite0", "train_data": "synthetic", "accuracy": 0.637, "accuracy_ci95": [0.62, 0.65],
+         "balanced_accuracy": 0.63, "macro_f1": 0.61, "n_train": 256},
+        {"arch": "efficientnet_lite0", "train_data": "mixed", "accuracy": 0.92, "accuracy_ci95": [0.91, 0.93],
+         "balanced_accuracy": 0.918, "macro_f1": 0.917, "n_train": 1189},
+    ]
+    return {
+        "benchmark": f"study-{domain}", "date": "2026-11-25", "machine": MACHINE, "domain": domain, "scale": "small",
+        "results": rows, "ratios": {"efficientnet_lite0": {"synthetic/real": 0.7, "mixed/real": 1.011}},
+        "generator": {"preset": "cpu-small", "steps": 240, "minutes": 6.0, "step_budget": None},
+        "synthetic_per_class": 64, "guidance": 2.0, "sampler": "dpmsolver++", "sampling_steps": 20,
+        "classifier_input": 96, "epochs": 8, "seed": 0, "minutes_total": 15.2,
+        "audit": {"passed": True, "summary": "passed: 1.2% flagged",
+                  "details": {"gate": {"flagged_share": 0.012, "expected_share": 0.02, "max_flagged_share": 0.01,
+                                       "passed": True}}},
+    }
+
+
+def fixtures() -> dict[str, dict]:
+    return {
+        "study-brain-mri": study("brain-mri"),
+        "class-fidelity-brain-mri": {
+            "date": "2026-11-25", "machine": MACHINE, "domain": "brain-mri", "class_fidelity": 0.734,
+            "class_fidelity_ci95": [0.69, 0.78], "per_class_fidelity": {"glioma": 0.8, "notumor": 0.6},
+            "judge_accuracy_on_real_test": 0.9, "generator": {"preset": "cpu-small", "steps": 120, "minutes": 4},
+            "sampling": {"per_class": 32},
+        },
+        "sampling": {
+            "date": "2026-11-25", "machine": MACHINE, "domain": "brain-mri", "data": "real", "scale": "small",
+            "threads": 1, "seed": 0, "resolution": 32, "speedup": 48.7,
+            "generator": {"preset": "tiny", "parameters": 687089, "steps": 300},
+            "budget": {"images": 64, "batch_size": 64, "classifier_epochs": 15, "classifier_input": 96,
+                       "classifier_seeds": 2},
+            "ours": {"steps": 20, "guidance": 2.0, "images_per_second": 3.21,
+                     "tstr": {"accuracy": 0.512, "accuracy_ci95": [0.5, 0.52], "balanced_accuracy": 0.51,
+                              "per_seed": [{"seed": 0, "accuracy": 0.5}, {"seed": 1, "accuracy": 0.524}],
+                              "n_train": 64, "n_test": 3691, "arch": "efficientnet_lite0"}},
+            "ddpm": {"steps": 1000, "guidance": 2.0, "images_per_second": 0.0659,
+                     "tstr": {"accuracy": 0.523, "accuracy_ci95": [0.51, 0.53], "balanced_accuracy": 0.52,
+                              "n_train": 64}},
+            "real_reference": {"accuracy": 0.7, "accuracy_ci95": [0.69, 0.71], "n_train": 64},
+            "tstr_difference_points": -1.1, "tstr_difference_ci95_points": [-2.0, -0.2],
+            "targets": [{"target": "speed-up >= 25x", "measured": "48.7x", "met": True},
+                        {"target": "TSTR within 2 points", "measured": "-1.1 points", "met": True}],
+        },
+        "explain": {
+            "date": "2026-11-25", "machine": MACHINE,
+            "settings": {"num_samples": 1000, "images": 6, "repeats": 1, "resolution": 64, "ours": "explain_image",
+                         "classifier": {"arch": "efficientnet_lite0", "input_size": 96, "held_out_accuracy": 0.69}},
+            "summary": {"ours": {"median_seconds": 1.9, "median_model_seconds": 1.8},
+                        "lime_docs": {"median_seconds": 4.3, "median_model_seconds": 4.1},
+                        "speedup_vs_lime_docs": 2.26, "mean_iou_pixels_vs_lime_docs": 0.18},
+        },
+        "train-speed": {
+            "date": "2026-11-25", "machine": MACHINE, "scale": "small", "threads": 2,
+            "unet": {"preset": "cpu-small", "parameters": 2735585, "resolution": 32},
+            "budget": {"batch_size": 64, "warmup_steps": 3, "timed_steps": 8, "repeats": 3},
+            "training": {"ours": {"images_per_second": 27.5, "runs": [27.0, 27.5, 28.0]},
+                         "minimal": {"images_per_second": 29.5, "runs": [29.0, 29.5, 30.0]},
+                         "ratio_ours_to_minimal": 0.932, "ours_gflops": 20.1, "minimal_gflops": 21.6},
+            "forward": {"gflop_per_image": 0.25, "levers": [
+                {"name": "baseline", "batch": 64, "threads": 2, "images_per_second": 120.0, "gflops": 30.0,
+                 "percent_of_peak": 10.2, "percent_of_used_cores_peak": 10.2, "dtype": "float32"},
+                {"name": "torch.compile", "batch": 64, "threads": 2, "images_per_second": 140.0, "gflops": 35.0,
+                 "percent_of_peak": 11.9, "percent_of_used_cores_peak": 11.9, "dtype": "float32",
+                 "compile_seconds": 95.0},
+                {"name": "bf16 autocast", "batch": 64, "threads": 2, "error": "RuntimeError: nope"},
+            ]},
+            "peak": {"model": "Intel(R) Xeon(R) Processor", "cores": 2, "mhz": 2300.0, "mhz_source": "cpuinfo",
+                     "flop_per_cycle_per_core": 64, "gflops_fp32": 294.4, "assumption": "2 FMA units assumed"},
+            "sgemm_reference": {"1 thread(s)": 113.0, "2 thread(s)": 220.5},
+            "targets": [{"target": "UNet forward >= 30% of fp32 peak", "measured": "11.9%", "met": False}],
+        },
+        "runner-small": {"date": "2026-11-25", "machine": MACHINE, "scale": "small", "minutes_total": 84.0,
+                         "limit_minutes": 90.0, "benchmarks": [
+                             {"name": "sampling", "ok": True, "minutes": 13.2, "expected_minutes": 14},
+                             {"name": "explain", "ok": False, "minutes": 0.1, "expected_minutes": 4}]},
+    }
+
+
+def test_section_has_markers_and_expected_rows():
+    out = render_section(fixtures())
+    assert out.startswith(START) and out.endswith(END)
+    assert out.count(START) == 1 and out.count(END) == 1
+    # study: one row per arch x train data, the ratio on the TSTR and mixed rows, and the audit gate
+    assert "| brain-mri | efficientnet_lite0 | real (TRTR) | 0.910 [0.900, 0.920] | 0.905 | 0.900 | — | 933 |" in out
+    assert "| brain-mri | efficientnet_lite0 | synthetic (TSTR) | 0.637 [0.620, 0.650] | 0.630 | 0.610 | 0.70 |" in out
+    assert "| brain-mri | efficientnet_lite0 | mixed | 0.920 [0.910, 0.930] | 0.918 | 0.917 | 1.01 |" in out
+    assert "| brain-mri | 1.2% | 2.0% | 1.0% | ✅ | passed: 1.2% flagged |" in out
+    # class fidelity
+    assert "| brain-mri | 0.734 [0.690, 0.780] | glioma 0.80, notumor 0.60 | 0.900 |" in out
+    # sampling: both arms, the speed-up and the targets with marks
+    assert "| ours: DPM-Solver++ | 20 | 2.0 | 3.210 | 48.7× | 0.512 [0.500, 0.520] | 0.500, 0.524 | 0.510 | 64 |" in out
+    assert "| stock DDPM (diffusers DDPMScheduler) | 1000 | 2.0 | 0.066 | 1.0× | 0.523 [0.510, 0.530] |" in out
+    assert "TSTR difference ours − DDPM: -1.1 points [-2.0, -0.2]" in out
+    assert "- ✅ target: speed-up >= 25x — measured 48.7x" in out
+    # LIME, read from the explain keys
+    assert "| `lime_docs` | 4.30 | 4.10 | 2.26× | pixels 0.18 |" in out
+    # train speed: loops, levers (a failed lever is shown as such), peak, target
+    assert "| ours: `train_generator` | 27.5 | 27.0, 27.5, 28.0 | 20.1 |" in out
+    assert "Ours ÷ minimal: 0.93×" in out
+    assert "| torch.compile | 64 | 2 | 140.0 | 35.0 | 11.9% | 11.9% | compile 95 s |" in out
+    assert "| bf16 autocast | 64 | 2 | failed |" in out
+    assert "fp32 peak 294 GFLOP/s" in out
+    assert "113.0 GFLOP/s on 1 thread(s), 220.5 GFLOP/s on 2 thread(s)" in out
+    assert "- ❌ target: UNet forward >= 30% of fp32 peak — measured 11.9%" in out
+    # targets at a glance and the runner's timing
+    assert "| train-speed | UNet forward >= 30% of fp32 peak | 11.9% | ❌ |" in out
+    assert "| sampling | ✅ | 13.2 | 14 |" in out and "| explain | ❌ | 0.1 | 4 |" in out
+    assert "✅ total 84.0 min (limit 90 min)" in out
+    # every table says when and where it was measured
+    assert out.count("_Measured 2026-11-25 on") >= 5
+
+
+def test_missing_results_say_not_run_yet():
+    out = render_section({})
+    assert out.startswith(START) and out.endswith(END)
+    for command in ("python bench/study.py --domain brain-mri", "python bench/study.py --domain covid-ct",
+                    "python bench/class_fidelity.py --domain phantom-brain-mri", "python bench/sampling.py",
+                    "python bench/explain.py", "python bench/train_speed.py"):
+        assert f"_not run yet_ (`{command}`)" in out.replace("_Not run yet_", "_not run yet_")
+    assert "Targets at a glance" not in out
+    partial = render_section({"study-all": study("all")})
+    assert "| all | efficientnet_lite0 | real (TRTR)" in partial
+    assert "brain-mri: _not run yet_" in partial
+
+
+def test_odd_and_incomplete_payloads_do_not_crash():
+    odd = {"sampling": {"date": "x"}, "train-speed": {}, "explain": {"some": {"figure": 1.5}, "flag": True},
+           "study-brain-mri": {"results": [{"arch": "resnet18", "train_data": "real", "accuracy": None}]},
+           "class-fidelity-x": {}}
+    out = render_section(odd)
+    assert "| some.figure | 1.5 |" in out
+    assert "| brain-mri | resnet18 | real (TRTR) | — |" in out
+
+
+def test_replace_between_markers_is_idempotent():
+    readme = "# Title\n\nIntro.\n\n## Benchmarks\n\n" + START + "\nold stuff\n" + END + "\n\n## After\n\nkept\n"
+    section = render_section(fixtures())
+    once = replace_section(readme, section)
+    assert "old stuff" not in once
+    assert once.startswith("# Title\n\nIntro.\n\n## Benchmarks\n\n" + START)
+    assert once.endswith(END + "\n\n## After\n\nkept\n")
+    assert replace_section(once, section) == once
+    assert once.count(START) == 1
+
+
+def test_missing_markers_append_a_benchmarks_section():
+    readme = "# Title\n\nNo markers here.\n"
+    section = render_section({})
+    once = replace_section(readme, section)
+    assert once.startswith(readme.rstrip("\n"))
+    assert once.endswith("## Benchmarks\n\n" + section + "\n")
+    assert replace_section(once, section) == once
+
+
+def test_main_writes_readme_from_result_files(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for name, payload in fixtures().items():
+        (results / f"{name}.json").write_text(json.dumps(payload))
+    (results / "broken.json").write_text("{not json")
+    readme = tmp_path / "README.md"
+    readme.write_text("# X\n")
+    assert set(load_results(results)) == set(fixtures())
+    assert main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# X\n\n## Benchmarks\n\n" + START) and "48.7×" in text
+    assert main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    assert main(["--results", str(results), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+
+
+def test_runner_plan_fits_the_small_budget():
+    from bench.__main__ import BENCH, BENCHMARKS, SMALL_LIMIT_MINUTES, select
+
+    assert sum(b.expected_minutes["small"] for b in BENCHMARKS) < SMALL_LIMIT_MINUTES
+    assert [b.name for b in select(BENCHMARKS, ["study"])] == ["study-brain-mri", "study-all", "study-covid-ct"]
+    assert [b.name for b in select(BENCHMARKS, ["sampling", "train-speed"])] == ["sampling", "train-speed"]
+    for b in BENCHMARKS:
+        assert b.optional or (BENCH / b.script).exists(), b.script
+    with pytest.raises(SystemExit):
+        select(BENCHMARKS, ["nope"])
