@@ -127,7 +127,7 @@ def test_torch_loader(store):
     tds = ManifestImageDataset(ds, "train", channels=3, transform=train_augmentation(get_domain("brain-mri")))
     assert len(tds) == 12
     x, y = tds[0]
-    assert x.shape == (3, 24, 24) and 0.0 <= x.min() and x.max() <= 1.0 and isinstance(y, int)
+    assert x.shape == (3, 24, 24) and x.min() >= 0.0 and x.max() <= 1.0 and isinstance(y, int)
     loader = make_loader(tds, batch_size=5, shuffle=True, seed=0, balanced=True)
     xb, yb = next(iter(loader))
     assert xb.shape == (5, 3, 24, 24)
