@@ -17,6 +17,7 @@ from meddiffuse.explain import (
     ImageInputError,
     PredictionError,
     SegmentationConfig,
+    calibrate_batch_size,
     deletion_curve,
     explain_batch,
     explain_image,
@@ -245,6 +246,17 @@ def test_same_seed_same_explanation_and_batch_size_does_not_matter(predict_fn, l
     c = explain_image(predict_fn, image, label=label, num_samples=400, seed=6, batch_size=128)
     np.testing.assert_allclose(a.weights, b.weights, atol=1e-5)
     assert not np.allclose(a.weights, c.weights)
+
+
+def test_batch_size_calibration_times_every_candidate_and_keeps_the_fastest(predict_fn, lesion_cases):
+    images = np.stack([case[0] for case in lesion_cases[:4]]) / 255.0
+    sizes: list[int] = []
+    calibration = calibrate_batch_size(lambda x: sizes.append(len(x)) or predict_fn(x), images,
+                                       candidates=(4, 16, 8), repeats=2)
+    assert set(calibration.ms_per_image) == {4, 8, 16} and sizes.count(16) == 2  # padded up to 16 images
+    assert calibration.best == min(calibration.ms_per_image, key=calibration.ms_per_image.get)
+    with pytest.raises(ValueError, match="candidates"):
+        calibrate_batch_size(predict_fn, images, candidates=(0,))
 
 
 def test_repeated_samples_are_predicted_once(predict_fn, lesion_cases):

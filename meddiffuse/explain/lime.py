@@ -193,9 +193,10 @@ def explain_image(
     if top_k < 1:
         raise ValueError(f"top_k must be positive, got {top_k}")
     if segments is not None:
+        segments = np.asarray(segments)
         if segments.shape != img.shape[:2]:
             raise ImageInputError(f"segments shape {segments.shape} does not match image {img.shape[:2]}")
-        seg = compact_labels(np.asarray(segments))
+        seg = compact_labels(segments)
         seg_config = None
     else:
         config = segmentation or SegmentationConfig()
