@@ -13,6 +13,14 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, tests included
 
+try:  # property tests: the same examples every run, so CI is never red by the luck of the draw
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("deterministic", derandomize=True, database=None)
+    _hypothesis_settings.load_profile("deterministic")
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

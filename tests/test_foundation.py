@@ -71,8 +71,14 @@ def test_local_store_contract(tmp_path):
         s.get("a/b/c.bin")
     assert s.delete_prefix("a/") == 2
     assert s.list("") == []
+    s.put("f", b"1")
+    with pytest.raises(StoreError, match="is an object"):
+        s.put("f/g", b"2")
+    s.put("d/e", b"3")
+    with pytest.raises(StoreError, match="is a folder"):
+        s.put("d", b"4")
     for bad in ("../x", "/abs", "a//b", "a/./b"):
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreError, match="invalid store key"):
             s.put(bad, b"")
 
 

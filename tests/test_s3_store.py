@@ -107,7 +107,8 @@ def test_invalid_keys_are_refused(any_store, bad_key):
     assert any_store.list() == []
 
 
-_keys = st.sampled_from(["a", "a/b", "a/c", "ab/x", "images/g/1.png", "images/g/2.png", "images/p/1.png"])
+# no key is also a folder of another: a local folder cannot hold a file "a" and a folder "a/" at once
+_keys = st.sampled_from(["a.txt", "a/b", "a/c", "ab/x", "images/g/1.png", "images/g/2.png", "images/p/1.png"])
 _ops = st.lists(
     st.one_of(
         st.tuples(st.just("put"), _keys, st.binary(max_size=64)),

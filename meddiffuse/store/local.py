@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from meddiffuse.store.base import ObjectNotFound, ObjectStore, check_key
+from meddiffuse.store.base import ObjectNotFound, ObjectStore, StoreError, check_key
 
 
 class LocalStore(ObjectStore):
@@ -20,7 +20,12 @@ class LocalStore(ObjectStore):
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"cannot write {key!r}: a part of its path is an object in {self.uri}") from None
+        if path.is_dir():
+            raise StoreError(f"cannot write {key!r}: it is a folder of other objects in {self.uri}")
         # write-then-rename: a killed process leaves a temp file, never a half-written object
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
         try:
