@@ -318,9 +318,30 @@ def train_speed_section(d: dict[str, Any] | None) -> list[str]:
         lines.append(f"Peak: {peak.get('assumption', 'unknown')}.")
     sgemm = d.get("sgemm_reference") or {}
     if sgemm:
-        lines.append("For scale, a plain fp32 2048² matmul in the same run: "
-                     + ", ".join(f"{_num(v, 1)} GFLOP/s on {k}" for k, v in sgemm.items()) + ".")
+        lines += ["", "For scale, a plain fp32 2048² matmul in the same run: "
+                  + ", ".join(f"{_num(v, 1)} GFLOP/s on {k}" for k, v in sgemm.items()) + "."]
+        for note in _sgemm_check(peak, sgemm, fwd):
+            lines += ["", note]
     return lines + ["", machine_line(d), *_targets(d), ""]
+
+
+def _sgemm_check(peak: dict[str, Any], sgemm: dict[str, Any], fwd: dict[str, Any]) -> list[str]:
+    """Flag a computed peak that a plain matmul beats, and give the share of an empirical ceiling instead."""
+    one = sgemm.get("1 thread(s)")
+    cores, total = peak.get("cores"), peak.get("gflops_fp32")
+    if not isinstance(one, int | float) or not isinstance(cores, int) or not isinstance(total, int | float):
+        return []
+    best = max((v.get("gflops") or 0 for v in fwd.get("levers") or [] if v.get("dtype") == "float32"), default=0)
+    ceiling = one * cores
+    out = []
+    if one > total / cores:
+        out.append(f"⚠️ One thread's matmul ({one:.0f} GFLOP/s) beats the computed one-core peak "
+                   f"({total / cores:.0f}): the clock used ({_num(peak.get('mhz'), 0)} MHz) is below the real one "
+                   "(turbo is not visible to the guest), so the shares of peak above are overstated.")
+    if best:
+        out.append(f"Against an empirical ceiling of cores × one thread's matmul rate ({ceiling:.0f} GFLOP/s), the "
+                   f"best float32 forward ({best:.1f} GFLOP/s) is {100 * best / ceiling:.0f}%.")
+    return out
 
 
 def runner_section(results: dict[str, dict]) -> list[str]:

@@ -120,6 +120,10 @@ def test_section_has_markers_and_expected_rows():
     assert "| bf16 autocast | 64 | 2 | failed |" in out
     assert "fp32 peak 294 GFLOP/s" in out
     assert "113.0 GFLOP/s on 1 thread(s), 220.5 GFLOP/s on 2 thread(s)" in out
+    assert "beats the computed one-core peak" not in out  # 113 < 294 / 2
+    assert "ceiling of cores × one thread's matmul rate (226 GFLOP/s)" in out and "is 15%." in out
+    hot = fixtures()["train-speed"] | {"sgemm_reference": {"1 thread(s)": 176.0}}
+    assert "beats the computed one-core peak (147)" in render_section({"train-speed": hot})
     assert "- ❌ target: UNet forward >= 30% of fp32 peak — measured 11.9%" in out
     # targets at a glance and the runner's timing
     assert "| train-speed | UNet forward >= 30% of fp32 peak | 11.9% | ❌ |" in out
@@ -199,3 +203,22 @@ def test_runner_plan_fits_the_small_budget():
         assert b.optional or (BENCH / b.script).exists(), b.script
     with pytest.raises(SystemExit):
         select(BENCHMARKS, ["nope"])
+
+
+def test_runner_reports_failures_and_requires_a_fresh_result(tmp_path, monkeypatch):
+    import bench.__main__ as runner
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "good.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('results').joinpath('good.json').write_text('{}')\n")
+    (tmp_path / "silent.py").write_text("pass\n")
+    (tmp_path / "bad.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(runner, "BENCH", tmp_path)
+    plan = [runner.Benchmark(n, f"{n}.py", {"small": []}, {"small": 1}) for n in ("good", "silent", "bad")]
+    plan.append(runner.Benchmark("absent", "absent.py", {"small": []}, {"small": 1}, optional=True))
+    records = {r["name"]: r for r in (runner.run_one(b, "small", None) for b in plan)}
+    assert records["good"]["ok"] is True and records["good"]["status"] == "ok"
+    assert records["silent"]["ok"] is False and "no new result JSON" in records["silent"]["status"]
+    assert records["bad"]["ok"] is False and records["bad"]["status"] == "exit 3"
+    assert records["absent"]["ok"] is None and records["absent"]["status"].startswith("skipped")
+    assert "total" in runner.summary(list(records.values()), 0.5, 90.0)
