@@ -128,7 +128,8 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     audit = r.get("audit")
     if audit is not None:
         status = "<span class='pass'>PASSED</span>" if audit.get("passed") else "<span class='fail'>FAILED</span>"
-        parts.append(f"<li>synthetic data audit: {status} {html.escape(audit.get('summary', ''))}</li>")
+        summary = str(audit.get("summary", "")).removeprefix("PASSED: ").removeprefix("FAILED: ")
+        parts.append(f"<li>synthetic data audit: {status} {html.escape(summary)}</li>")
     for note in r.get("notes", []):
         parts.append(f"<li class='muted'>{html.escape(note)}</li>")
     parts.append("</ul>")
