@@ -172,6 +172,15 @@ def _scan(root: Path, domain: Domain, report: IngestReport) -> dict[str, list[tu
     return by_class
 
 
+def _duplicate(rel: str, label: str, first: tuple[str, str], what: str) -> Duplicate:
+    """A duplicate of the first file seen; one under another class is flagged as possibly mislabelled."""
+    first_rel, first_label = first
+    reason = what if first_label == label else (
+        f"{what} with a different label ({first_label} vs {label}): possibly mislabelled"
+    )
+    return Duplicate(path=rel, duplicate_of=first_rel, reason=reason)
+
+
 def _split_order(file_sha: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{file_sha}".encode()).hexdigest()
 
@@ -223,11 +232,7 @@ def ingest_folder(
                 continue
             file_sha = sha256_hex(data)
             if file_sha in seen_file:
-                first_rel, first_label = seen_file[file_sha]
-                reason = "identical content" if first_label == label else (
-                    f"identical content with a different label ({first_label} vs {label}): possibly mislabelled"
-                )
-                report.duplicates.append(Duplicate(path=rel, duplicate_of=first_rel, reason=reason))
+                report.duplicates.append(_duplicate(rel, label, seen_file[file_sha], "identical content"))
                 continue
             seen_file[file_sha] = (rel, label)
             try:
@@ -243,11 +248,7 @@ def ingest_folder(
                 )
                 continue
             if pixel_sha in seen_pixels:
-                first_rel, first_label = seen_pixels[pixel_sha]
-                reason = "identical pixels" if first_label == label else (
-                    f"identical pixels with a different label ({first_label} vs {label}): possibly mislabelled"
-                )
-                report.duplicates.append(Duplicate(path=rel, duplicate_of=first_rel, reason=reason))
+                report.duplicates.append(_duplicate(rel, label, seen_pixels[pixel_sha], "identical pixels"))
                 continue
             seen_pixels[pixel_sha] = (rel, label)
             for note in notes:

@@ -41,15 +41,9 @@ def save_generator_model(
     """Upload the pipeline folder under ``<prefix>/model/``, then ``generator.json`` (with file hashes)."""
     target = model_prefix(prefix)
     store.delete(f"{target}/{GENERATOR_JSON}")  # withdraw any previous model before replacing files
-    files: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="meddiffuse-model-") as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-        for path in sorted(Path(tmp).rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(tmp).as_posix()
-                data = path.read_bytes()
-                store.put(f"{target}/{rel}", data)
-                files[rel] = sha256_hex(data)
+        files = store.put_folder(Path(tmp), target)
     meta = meta.model_copy(update={"files": files})
     store.put_text(f"{target}/{GENERATOR_JSON}", meta.model_dump_json(indent=2))
     return meta

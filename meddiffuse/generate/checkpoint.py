@@ -56,13 +56,7 @@ def upload_checkpoint(
 ) -> CheckpointInfo:
     """Upload a saved accelerate state, commit it, then drop older and uncommitted checkpoints."""
     target = checkpoint_prefix(prefix, info.step)
-    files: dict[str, str] = {}
-    for path in sorted(local_dir.rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(local_dir).as_posix()
-            data = path.read_bytes()
-            store.put(f"{target}/{rel}", data)
-            files[rel] = sha256_hex(data)
+    files = store.put_folder(local_dir, target)
     info = info.model_copy(update={"files": files})
     store.put_text(f"{target}/{CHECKPOINT_JSON}", info.model_dump_json(indent=2))
     _prune(store, prefix, keep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class StoreError(RuntimeError):
@@ -71,6 +72,20 @@ class ObjectStore(ABC):
     def iter_prefix(self, prefix: str) -> Iterator[tuple[str, bytes]]:
         for key in self.list(prefix):
             yield key, self.get(key)
+
+    def put_folder(self, local_dir: Path, prefix: str) -> dict[str, str]:
+        """Upload every file under ``local_dir`` to ``<prefix>/<relative path>``; returns {relative path: sha256}.
+
+        Callers record the returned hashes in a manifest they write afterwards (the commit point).
+        """
+        files: dict[str, str] = {}
+        for path in sorted(Path(local_dir).rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(local_dir).as_posix()
+                data = path.read_bytes()
+                self.put(f"{prefix.rstrip('/')}/{rel}", data)
+                files[rel] = sha256_hex(data)
+        return files
 
     def put_text(self, key: str, text: str) -> None:
         self.put(key, text.encode("utf-8"))
