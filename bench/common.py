@@ -19,6 +19,7 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -30,6 +31,17 @@ def machine() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - versions are informative only
         pass
     return info
+
+
+def cpu_model() -> str | None:
+    """The CPU's marketing name (Linux /proc/cpuinfo), so timings can be compared across machines."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

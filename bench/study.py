@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_result(f"study-{a.domain}", {
         "domain": a.domain, "scale": a.scale, "results": results,
         "ratios": tstr_ratios(out["results"]),
-        "generator": {k: gen.get(k) for k in ("preset", "parameters", "steps", "seconds", "final_loss",
+        "generator": {k: gen.get(k) for k in ("preset", "parameters", "steps", "horizon", "seconds", "final_loss",
                                                 "images_per_second")}
         | {"minutes": None if a.steps else minutes, "step_budget": a.steps},
         "synthetic_per_class": per_class, "guidance": a.guidance, "sampler": "dpmsolver++", "sampling_steps": 20,

@@ -53,6 +53,17 @@ class ExperimentPaths:
     def stage(self, name: str) -> str:
         return f"{self.root}/stages/{name}.json"
 
+    config = property(lambda self: f"{self.root}/config.json")
+
+
+# Fields that may change between runs of one experiment: adding architectures or training sets only
+# adds stages (their names carry arch and data), and registration does not change any result.
+RESUMABLE_CHANGES = frozenset({"name", "archs", "train_data", "register_models"})
+
+
+class ExperimentConfigMismatch(ValueError):
+    """The experiment exists with a config whose committed stages the new config would contradict."""
+
 
 class Experiment:
     """One run of the protocol for one domain. ``run()`` does every stage not yet committed."""
@@ -72,6 +83,7 @@ class Experiment:
         self.paths = ExperimentPaths(config.experiment_name)
         self.progress = progress
         self.log = log
+        self._config_checked = False
         self._validate()
 
     # -- stage bookkeeping -------------------------------------------------------------------------
@@ -100,7 +112,32 @@ class Experiment:
         self.store.put_text(self.paths.stage(stage), json.dumps(info, indent=2, default=str))
         return info
 
+    def check_config(self) -> None:
+        """Record the config at the first stage; refuse to resume under one that would contradict it.
+
+        Committed stages are skipped on resume, so resuming with, say, another guidance would silently
+        mix old and new results. Only ``RESUMABLE_CHANGES`` may differ.
+        """
+        if self._config_checked:
+            return
+        current = self.config.model_dump(mode="json")
+        try:
+            recorded = json.loads(self.store.get_text(self.paths.config))
+        except ObjectNotFound:
+            self.store.put_text(self.paths.config, json.dumps(current, indent=2, sort_keys=True))
+            recorded = current
+        changed = sorted(k for k in set(current) | set(recorded)
+                         if k not in RESUMABLE_CHANGES and current.get(k) != recorded.get(k))
+        if changed:
+            shown = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise ExperimentConfigMismatch(
+                f"experiment {self.config.experiment_name!r} already exists with another config ({shown}); "
+                "its finished stages would not match. Use a new --name, or the same settings to resume."
+            )
+        self._config_checked = True
+
     def _stage(self, stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        self.check_config()
         found = self.done(stage)
         if found is not None:
             self.log(f"[skip] {stage}: done at {found.get('finished')}")
@@ -174,7 +211,7 @@ class Experiment:
             )
             return {"ref": info.ref, "steps": info.steps_trained, "parameters": info.parameters,
                     "final_loss": info.final_loss, "images_per_second": info.images_per_second,
-                    "stopped_by": info.stopped_by, "preset": info.preset}
+                    "stopped_by": info.stopped_by, "preset": info.preset, "horizon": info.horizon}
 
         return self._stage("generator", run)
 

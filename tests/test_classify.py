@@ -259,6 +259,31 @@ def test_preprocess_accepts_uint8_float_and_tensor_forms_equally():
     assert rgb.shape == (2, 1, 48, 48)
 
 
+def test_frozen_inference_matches_eager_and_never_serves_stale_weights():
+    clf = create_classifier(TINY, 4, 1, weights="none", input_size=40, seed=0)
+    images = np.random.default_rng(1).integers(0, 256, (7, 32, 32, 1), dtype=np.uint8)
+    with torch.no_grad():  # BN statistics that differ from init, so folding them is exercised
+        for m in clf.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    eager = clf.predict_proba(images, batch_size=3)
+    assert clf.optimize_for_inference() is clf and clf._frozen_module() is not None
+    for batch in (1, 3, 7):  # traced at batch 2; other batch sizes must give the same answers
+        np.testing.assert_allclose(clf.predict_proba(images, batch_size=batch), eager, atol=1e-4)
+    # an optimiser step changes the weights in place: the snapshot must be dropped, not reused
+    opt = torch.optim.SGD(clf.model.parameters(), lr=1.0)
+    clf.model.train()
+    clf.model(clf.preprocess(images)).sum().backward()
+    opt.step()
+    assert clf._frozen_module() is None
+    clf.model.eval()
+    with torch.inference_mode():
+        fresh = clf.model(clf.preprocess(images)).softmax(dim=1).numpy()
+    assert not np.allclose(fresh, eager, atol=1e-3)
+    np.testing.assert_allclose(clf.predict_proba(images), fresh, atol=1e-5)
+
+
 def test_preprocess_rejects_bad_images():
     clf = create_classifier(TINY, 4, 1, weights="none")
     with pytest.raises(ValueError, match="N x H x W x C"):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from meddiffuse.config import ExperimentConfig
-from meddiffuse.experiment import Experiment
+from meddiffuse.experiment import Experiment, ExperimentConfigMismatch
 
 
 def toy_config(**overrides) -> ExperimentConfig:
@@ -84,6 +84,14 @@ def test_experiment_runs_resumes_and_reports(settings):
     from meddiffuse.store.registry import classifier_model_name, list_versions
 
     assert len(list_versions(classifier_model_name("covid-ct"), settings)) == 3
+
+    # resuming under a config that contradicts the finished stages is refused, naming what changed
+    with pytest.raises(ExperimentConfigMismatch, match=r"guidance: 2\.0 -> 4\.0"):
+        Experiment(toy_config(guidance=4.0), settings, progress=False, log=lambda m: None).run()
+    # one that only adds stages (another training set) resumes: nothing finished is redone
+    log = []
+    Experiment(toy_config(train_data=["real"]), settings, progress=False, log=log.append).run()
+    assert not any(m.startswith("[run ]") for m in log)
 
 
 def test_experiment_rejects_bad_requests(settings, tmp_path):

@@ -182,6 +182,45 @@ def weights_at(store, prefix, step):
     return load_safetensors(store.get(f"{checkpoint_prefix(prefix, step)}/model.safetensors"))
 
 
+def test_a_minutes_budget_fits_the_lr_horizon_to_the_time():
+    from diffusers.optimization import get_scheduler
+
+    from meddiffuse.generate.training import _refit_lr_schedule, fitted_horizon
+
+    assert fitted_horizon(25, 0.5, 100.0, ceiling=10_000) == 25 + int(0.97 * 200)
+    assert fitted_horizon(25, 0.5, 100.0, ceiling=100) == 100  # never past the preset's horizon
+    assert fitted_horizon(25, 10.0, 0.0, ceiling=100) == 26  # out of time: the next step ends it
+    # a running cosine schedule refitted from 1000 to 40 steps reaches zero at step 40, not 1000
+    cfg = tiny(warmup_steps=5)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=5, num_training_steps=1000)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    before = opt.param_groups[0]["lr"]
+    assert _refit_lr_schedule(sched, opt, cfg, 40, num_processes=1)
+    assert opt.param_groups[0]["lr"] < before  # halfway through a 40-step cosine, not 2% of 1000
+    assert sched.get_last_lr()[0] == pytest.approx(opt.param_groups[0]["lr"])
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_minutes_only_run_ends_near_its_fitted_horizon(env):
+    settings, store, real = env
+    # a ceiling far beyond what 8 seconds allow: only the fit can bring the horizon down
+    info = train_generator(real, tiny(train_steps=1_000_000, warmup_steps=2), store, "generators/minutes-fit",
+                           max_minutes=8 / 60, checkpoint_every=10_000, seed=0, settings=settings,
+                           progress=False, track=False)
+    assert info.horizon is not None and 25 < info.horizon < 1_000_000
+    # the schedule was sized for the budget: the run ends within a few steps of its horizon either way
+    assert info.steps_trained >= 0.75 * info.horizon, (info.steps_trained, info.horizon, info.stopped_by)
+    ckpt = latest_checkpoint(store, "generators/minutes-fit")
+    assert ckpt is not None and ckpt.horizon == info.horizon  # a resume rebuilds the same schedule
+
+
 def test_training_refuses_what_it_cannot_do_well(env, trained):
     settings, store, real = env
     common = dict(max_steps=2, max_minutes=None, checkpoint_every=1, seed=0, settings=settings,

@@ -137,7 +137,8 @@ def evaluate(
     if not entries:
         raise ValueError(f"dataset {dataset.prefix!r} has no images in split {split!r}")
     images, labels = dataset.load_arrays(entries=entries)
-    result = compute_metrics(labels, clf.predict_proba(images, batch_size), clf.classes, bootstrap, seed)
+    probs = clf.optimize_for_inference().predict_proba(images, batch_size)  # a whole test set: freeze first
+    result = compute_metrics(labels, probs, clf.classes, bootstrap, seed)
     result.dataset_id, result.split = dataset.id, split
     result.arch, result.pretrained_source = clf.arch, clf.pretrained_source
     return result

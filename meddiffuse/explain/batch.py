@@ -76,6 +76,7 @@ def explain_batch(
 
 def classifier_predict_fn(clf: Classifier) -> PredictFn:
     """``clf.predict_proba`` on each batch as given: the explainer already chose the batch size."""
+    clf.optimize_for_inference()  # ~3x on CPU; LIME is all forward passes
     return lambda images: clf.predict_proba(images, batch_size=max(1, len(images)))
 
 

@@ -82,6 +82,8 @@ class GeneratorInfo(BaseModel):
     )
     images_per_second: float | None = None
     seconds: float
+    horizon: int | None = Field(None, description="Cosine LR horizon in steps (fitted to --minutes when only "
+                                                  "a wall-clock budget was given).")
     run_id: str | None = None
 
 
@@ -107,7 +109,9 @@ def train_generator(
 
     Training stops at ``max_steps`` in total (default: ``config.train_steps``) or after ``max_minutes``
     of this session, whichever comes first; ``max_steps`` (else the resumed run's, else
-    ``config.train_steps``) is also the cosine LR horizon. A checkpoint is committed every
+    ``config.train_steps``) is also the cosine LR horizon. A fresh run with only ``max_minutes`` fits
+    the horizon to the budget after its first steps (measured speed x remaining time), so the LR decays
+    to zero as the time runs out instead of stopping early in a barely-decayed schedule. A checkpoint is committed every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the latest one exactly
     (same batches, noise and optimizer state) and refuses one made with another config, dataset or
     seed. Without ``resume``, an existing run at ``prefix`` is refused unless ``overwrite=True``.
@@ -156,6 +160,7 @@ def train_generator(
     bar = tqdm(total=stop_step, initial=step, desc=f"training generator {config.domain}", unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     images_per_s: float | None = None
+    fit_horizon = deadline is not None and max_steps is None and checkpoint is None
     with tracker, bar:
         tick, tick_step = time.monotonic(), step
         while step < stop_step:
@@ -176,6 +181,17 @@ def train_generator(
                 tracker.log({"loss": mean, "lr": lr, "images_per_second": images_per_s}, step)
                 window = []
                 tick, tick_step = now, step
+            if fit_horizon and step == FIT_FROM_STEP:
+                fit_started = now
+            elif fit_horizon and step == FIT_AT_STEP:
+                fit_horizon = False
+                per_step = (now - fit_started) / (FIT_AT_STEP - FIT_FROM_STEP)
+                fitted = fitted_horizon(step, per_step, deadline - now, config.train_steps)
+                if _refit_lr_schedule(lr_scheduler, optimizer, config, fitted, accelerator.num_processes):
+                    horizon = stop_step = fitted
+                    ckpt_info = ckpt_info.model_copy(update={"horizon": horizon})  # resume keeps this schedule
+                    bar.total = stop_step
+                    tracker.log({"lr_horizon": horizon}, step)
             if step % checkpoint_every == 0 and step < stop_step:
                 _save_checkpoint(accelerator, store, prefix, ckpt_info.model_copy(update={"step": step}))
             if on_step is not None:
@@ -192,8 +208,36 @@ def train_generator(
     return GeneratorInfo(
         **info_base, steps_trained=step, stopped_by=stopped_by,
         final_loss=history[-1][1] if history else None, loss_history=history,
-        images_per_second=images_per_s, seconds=time.monotonic() - started, run_id=tracker.run_id,
+        images_per_second=images_per_s, seconds=time.monotonic() - started, horizon=horizon,
+        run_id=tracker.run_id,
     )
+
+
+# the horizon is fitted from the speed between these steps (the first few pay for warm-up allocations)
+FIT_FROM_STEP, FIT_AT_STEP = 5, 25
+FIT_MARGIN = 0.97  # end a little before the deadline: checkpoints and saving the model take time too
+
+
+def fitted_horizon(step: int, seconds_per_step: float, seconds_left: float, ceiling: int) -> int:
+    """Total steps that fit the remaining budget at the measured speed, within (step, ceiling]."""
+    projected = step + int(FIT_MARGIN * seconds_left / max(seconds_per_step, 1e-9))
+    return max(step + 1, min(ceiling, projected))
+
+
+def _refit_lr_schedule(lr_scheduler, optimizer, config: GeneratorConfig, horizon: int, num_processes: int) -> bool:
+    """Give the running LR schedule a new horizon in place (diffusers' schedules are LambdaLRs)."""
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if not hasattr(inner, "lr_lambdas"):
+        logger.warning("LR schedule %r has no lambdas; its horizon stays at %d", config.lr_schedule, horizon)
+        return False
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only to build the lambdas
+    fresh = get_scheduler(config.lr_schedule, dummy, num_warmup_steps=config.warmup_steps * num_processes,
+                          num_training_steps=horizon * num_processes)
+    inner.lr_lambdas = list(fresh.lr_lambdas) * len(optimizer.param_groups)
+    for group, base, fn in zip(optimizer.param_groups, inner.base_lrs, inner.lr_lambdas, strict=True):
+        group["lr"] = base * fn(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return True
 
 
 def _build(config: GeneratorConfig, settings: Settings, seed: int, horizon: int):
