@@ -367,6 +367,31 @@ def _sgemm_check(peak: dict[str, Any], sgemm: dict[str, Any], fwd: dict[str, Any
     return out
 
 
+def levers_section(results: dict[str, dict]) -> list[str]:
+    """bench/levers.py: TSTR of subsets of one pool per guidance (size, judge filtering)."""
+    names = sorted(k for k in results if k.startswith("levers-"))
+    if not names:
+        return []
+    lines = ["### What moves TSTR: synthetic-set size, guidance, judge filtering", ""]
+    for name in names:
+        d = results[name]
+        gen, trtr = d.get("generator") or {}, d.get("trtr") or {}
+        fidelity = {p.get("guidance"): p.get("class_fidelity") for p in d.get("pools") or []}
+        rows = [[_num(r.get("guidance"), 1), r.get("subset", "?"), r.get("n_train", "—"),
+                 _num(fidelity.get(r.get("guidance"))), _num(r.get("set_class_fidelity")),
+                 f"{_num(r.get('accuracy'))}{_ci(r.get('accuracy_ci95'))}", _num(r.get("balanced_accuracy")),
+                 _ratio(r.get("tstr_over_trtr"), 2)] for r in d.get("results") or []]
+        lines += [f"**{d.get('domain', name)}** — generator {gen.get('preset', '?')} at {d.get('resolution', '?')} px, "
+                  f"{gen.get('steps', '?')} steps; classifier {d.get('arch', '?')} ({d.get('epochs', '?')} epochs, "
+                  f"{d.get('classifier_input', '?')} px); TRTR {_num(trtr.get('accuracy'))} on "
+                  f"{trtr.get('n_train', '?')} real images. Class fidelity = share of samples the real-trained "
+                  "judge assigns to their own class.", ""]
+        lines += _table(["guidance", "subset", "train images", "pool class fidelity", "subset class fidelity",
+                         "TSTR accuracy [95% CI]", "balanced acc.", "TSTR ÷ TRTR"], rows)
+        lines += ["", machine_line(d), ""]
+    return lines
+
+
 def runner_section(results: dict[str, dict]) -> list[str]:
     lines = []
     for name in sorted(k for k in results if k.startswith("runner-")):
@@ -402,6 +427,7 @@ def render_section(results: dict[str, dict]) -> str:
     lines += summary_section(results)
     lines += study_section(results)
     lines += fidelity_section(results)
+    lines += levers_section(results)
     lines += sampling_section(results.get("sampling"))
     lines += explain_section(results.get("explain"))
     lines += train_speed_section(results.get("train-speed"))

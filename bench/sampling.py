@@ -309,7 +309,7 @@ def probe_sets(sets: dict[str, Dataset], domain: Domain, test_images: np.ndarray
         images, labels = ds.load_arrays()
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
         probe.fit(body.features(images, batch_size=128), labels)
-        correct[name] = probe.predict(test_features) == test_labels
+        correct[name] = (probe.predict(test_features) == test_labels).astype(float)
         out[name] = {"accuracy": float(correct[name].mean()), "n_train": len(labels)}
     return out, correct
 

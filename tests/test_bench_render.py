@@ -196,7 +196,11 @@ def test_main_writes_readme_from_result_files(tmp_path):
 def test_runner_plan_fits_the_small_budget():
     from bench.__main__ import BENCH, BENCHMARKS, SMALL_LIMIT_MINUTES, select
 
-    assert sum(b.expected_minutes["small"] for b in BENCHMARKS) < SMALL_LIMIT_MINUTES
+    small = select(BENCHMARKS, None, "small")
+    assert sum(b.expected_minutes["small"] for b in small) < SMALL_LIMIT_MINUTES
+    assert "levers-brain-mri" not in [b.name for b in small]  # full scale only, or by name
+    assert "levers-brain-mri" in [b.name for b in select(BENCHMARKS, None, "full")]
+    assert [b.name for b in select(BENCHMARKS, ["levers"])] == ["levers-brain-mri"]
     assert [b.name for b in select(BENCHMARKS, ["study"])] == ["study-brain-mri", "study-all", "study-covid-ct"]
     assert [b.name for b in select(BENCHMARKS, ["sampling", "train-speed"])] == ["sampling", "train-speed"]
     for b in BENCHMARKS:
