@@ -185,12 +185,14 @@ def fidelity_section(results: dict[str, dict]) -> list[str]:
 
 
 def sampling_section(d: dict[str, Any] | None) -> list[str]:
-    lines = ["### Sampling: our sampler against stock 1000-step DDPM (same UNet)", ""]
+    sampler = _get(d or {}, "ours", "sampler", default="dpmsolver++")
+    lines = [f"### Sampling: our sampler ({sampler}) against stock 1000-step DDPM (same UNet)", ""]
     if d is None:
         return lines + _not_run("python bench/sampling.py") + [""]
     ours, ddpm, ref = d.get("ours") or {}, d.get("ddpm") or {}, d.get("real_reference")
     rows = []
-    for name, arm in (("ours: DPM-Solver++", ours), ("stock DDPM (diffusers DDPMScheduler)", ddpm)):
+    for name, arm in ((f"ours: {ours.get('sampler', 'dpmsolver++')}", ours),
+                      ("stock DDPM (diffusers DDPMScheduler)", ddpm)):
         t = arm.get("tstr") or {}
         rows.append([name, arm.get("steps", "—"), arm.get("guidance", "—"), _num(arm.get("images_per_second"), 3),
                      _ratio(d.get("speedup")) if arm is ours else "1.0×",
@@ -381,8 +383,10 @@ def levers_section(results: dict[str, dict]) -> list[str]:
                  _num(fidelity.get(r.get("guidance"))), _num(r.get("set_class_fidelity")),
                  f"{_num(r.get('accuracy'))}{_ci(r.get('accuracy_ci95'))}", _num(r.get("balanced_accuracy")),
                  _ratio(r.get("tstr_over_trtr"), 2)] for r in d.get("results") or []]
-        lines += [f"**{d.get('domain', name)}** — generator {gen.get('preset', '?')} at {d.get('resolution', '?')} px, "
-                  f"{gen.get('steps', '?')} steps; classifier {d.get('arch', '?')} ({d.get('epochs', '?')} epochs, "
+        guidance = ", ".join(_num(p.get("guidance"), 1) for p in d.get("pools") or [])
+        lines += [f"**{d.get('domain', name)}, guidance {guidance}** — generator {gen.get('preset', '?')} at "
+                  f"{d.get('resolution', '?')} px, {gen.get('steps', '?')} steps; classifier {d.get('arch', '?')} "
+                  f"({d.get('epochs', '?')} epochs, "
                   f"{d.get('classifier_input', '?')} px); TRTR {_num(trtr.get('accuracy'))} on "
                   f"{trtr.get('n_train', '?')} real images. Class fidelity = share of samples the real-trained "
                   "judge assigns to their own class.", ""]
@@ -390,6 +394,34 @@ def levers_section(results: dict[str, dict]) -> list[str]:
                          "TSTR accuracy [95% CI]", "balanced acc.", "TSTR ÷ TRTR"], rows)
         lines += ["", machine_line(d), ""]
     return lines
+
+
+def cuda_section(d: dict[str, Any] | None) -> list[str]:
+    """bench/cuda_check.py, run where a GPU is present: the CUDA path and its timings."""
+    if not d:
+        return []
+    c = d.get("checks") or {}
+    g, base, clf, lime = (c.get(k) or {} for k in ("generator", "gpu_base", "classifier", "lime"))
+    rows = [
+        ["generator `cpu-small` 32 px (mixed precision)", _mark(g.get("ok")),
+         f"train {_num(g.get('train_images_per_second'), 0)} images/s; guided DPM-Solver++ 20 steps "
+         f"{_num(g.get('sample_images_per_second'), 0)} images/s; an image drawn alone equals the same seed in a "
+         f"batch: {_mark(g.get('alone_equals_in_batch'))}; killed-and-resumed vs uninterrupted: max weight "
+         f"difference {_num(g.get('resumed_vs_uninterrupted_max_weight_diff'), 3)} (GPU kernels are not "
+         "bit-deterministic; on CPU the two are bit-identical)"],
+        ["generator `gpu-base` 128 px", _mark(base.get("ok")),
+         f"{_num((base.get('parameters') or 0) / 1e6, 1)} M parameters, train "
+         f"{_num(base.get('train_images_per_second'), 0)} images/s at batch {base.get('batch_size', '?')}"],
+        ["classifier EfficientNet-Lite0", _mark(clf.get("ok")),
+         f"trained and evaluated on {clf.get('device', '?')}; save → load max probability difference "
+         f"{_num(clf.get('reload_max_prob_diff'), 6)}"],
+        ["LIME, 1000 samples", _mark(lime.get("ok")),
+         f"{_num(lime.get('seconds_per_image_median'), 3)} s per image once warm (first two images "
+         f"{_num(lime.get('first_two_images_seconds'), 1)} s: CUDA start-up and kernel selection); padded last "
+         f"batch explains identically: max weight difference {_num(lime.get('padded_vs_plain_max_weight_diff'), 6)}"],
+    ]
+    return ["### The CUDA path (`bench/cuda_check.py`, phantoms)", "",
+            *_table(["check", "ok", "measured"], rows), "", machine_line(d) + f" torch {c.get('torch', '?')}.", ""]
 
 
 def runner_section(results: dict[str, dict]) -> list[str]:
@@ -406,8 +438,24 @@ def runner_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def summary_section(results: dict[str, dict]) -> list[str]:
+def study_targets(results: dict[str, dict]) -> list[list[str]]:
+    """The study's two targets per domain, derived from each study JSON's TSTR/TRTR and mixed/TRTR ratios."""
     rows = []
+    for name in sorted(k for k in results if k.startswith("study-")):
+        ratios = results[name].get("ratios") or {}
+        tstr = {a: r.get("synthetic/real") for a, r in ratios.items() if isinstance(r, dict)}
+        mixed = {a: r.get("mixed/real") for a, r in ratios.items() if isinstance(r, dict)}
+        if any(v is None for v in [*tstr.values(), *mixed.values()]) or not tstr:
+            continue
+        shown = "; ".join(f"{a} {tstr[a]:.2f}" for a in tstr)
+        rows.append([name, "TSTR accuracy >= 0.90 x TRTR", shown, _mark(all(v >= 0.9 for v in tstr.values()))])
+        shown = "; ".join(f"{a} {mixed[a]:.2f}" for a in mixed)
+        rows.append([name, "mixed accuracy >= TRTR", shown, _mark(all(v >= 1.0 for v in mixed.values()))])
+    return rows
+
+
+def summary_section(results: dict[str, dict]) -> list[str]:
+    rows = study_targets(results)
     for name in sorted(results):
         for t in results[name].get("targets") or []:
             if isinstance(t, dict):
@@ -429,8 +477,11 @@ def render_section(results: dict[str, dict]) -> str:
     lines += fidelity_section(results)
     lines += levers_section(results)
     lines += sampling_section(results.get("sampling"))
+    for name in sorted(k for k in results if k.startswith("sampling-")):
+        lines += sampling_section(results[name])
     lines += explain_section(results.get("explain"))
     lines += train_speed_section(results.get("train-speed"))
+    lines += cuda_section(results.get("cuda-check"))
     lines += runner_section(results)
     while lines and lines[-1] == "":
         lines.pop()

@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-class", type=int, help="images per class in each sample set")
     p.add_argument("--batch-size", type=int, help="images per sampling batch (both arms)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance w (both arms)")
-    p.add_argument("--our-steps", type=int, default=20, help="DPM-Solver++ steps")
+    p.add_argument("--our-steps", type=int, default=20, help="steps of our sampler")
+    p.add_argument("--sampler", default="dpmsolver++",
+                   help="our sampler (a meddiffuse sampler name); other than the default, the result is "
+                        "written to bench/results/sampling-<sampler>.json")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="stock DDPM steps (1000 = every training step)")
     p.add_argument("--repeats", type=int, help="timed runs of our sampler (median)")
     p.add_argument("--arch", default="efficientnet_lite0", help="TSTR classifier")
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     def run_ours() -> None:
         nonlocal ours_images
         t = time.perf_counter()
-        out = gen.sample(labels, seeds, sampler="dpmsolver++", steps=a.our_steps, **common)
+        out = gen.sample(labels, seeds, sampler=a.sampler, steps=a.our_steps, **common)
         ours_s.append(time.perf_counter() - t)
         if ours_images is None:
             ours_images = out
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     origin = dict(generator="generators/bench", guidance=a.guidance)
     sets = {
         "ours": write_samples(store, "datasets/ours", domain, ours_images, labels, seeds,
-                              Origin(kind="synthetic", sampler="dpmsolver++", steps=a.our_steps, **origin)),
+                              Origin(kind="synthetic", sampler=a.sampler, steps=a.our_steps, **origin)),
         "ddpm": write_samples(store, "datasets/ddpm", domain, ddpm_images, labels, seeds,
                               Origin(kind="synthetic", sampler="ddpm", steps=a.ddpm_steps, **origin)),
     }
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
          "measured": f"{100 * probe_diff:+.1f} points (95% CI [{100 * probe_ci[0]:+.1f}, {100 * probe_ci[1]:+.1f}])",
          "met": 100 * probe_diff >= -TARGET_TSTR_POINTS},
     ]
-    path = write_result("sampling", {
+    path = write_result("sampling" if a.sampler == "dpmsolver++" else f"sampling-{a.sampler}", {
         "domain": a.domain, "data": source, "scale": a.scale, "seed": a.seed, "threads": torch.get_num_threads(),
         "resolution": scale["resolution"],
         "generator": {"preset": scale["preset"], "overrides": scale["overrides"], "parameters": info.parameters,
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                    "classifier_input": a.input_size, "bootstrap": a.bootstrap},
         "seeds": {"generator_training": a.seed, "images": "class_seeds(seed, class, i): identical in both arms",
                   "classifiers": list(range(a.seed, a.seed + n_clf))},
-        "ours": {"sampler": "dpmsolver++", "steps": a.our_steps, "guidance": a.guidance,
+        "ours": {"sampler": a.sampler, "steps": a.our_steps, "guidance": a.guidance,
                  "images_per_second": ours_ips, "run_seconds": ours_s, "tstr": tstr["ours"]},
         "ddpm": {"sampler": "diffusers.DDPMScheduler (stock ancestral DDPM)", "steps": a.ddpm_steps,
                  "guidance": a.guidance, "images_per_second": ddpm_ips, "run_seconds": [ddpm_s], **stock,

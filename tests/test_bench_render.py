@@ -107,7 +107,7 @@ def test_section_has_markers_and_expected_rows():
     # class fidelity
     assert "| brain-mri | 0.734 [0.690, 0.780] | glioma 0.80, notumor 0.60 | 0.900 |" in out
     # sampling: both arms, the speed-up and the targets with marks
-    assert "| ours: DPM-Solver++ | 20 | 2.0 | 3.210 | 48.7× | 0.512 [0.500, 0.520] | 0.500, 0.524 | 0.510 | 64 |" in out
+    assert "| ours: dpmsolver++ | 20 | 2.0 | 3.210 | 48.7× | 0.512 [0.500, 0.520] | 0.500, 0.524 | 0.510 | 64 |" in out
     assert "| stock DDPM (diffusers DDPMScheduler) | 1000 | 2.0 | 0.066 | 1.0× | 0.523 [0.510, 0.530] |" in out
     assert "TSTR difference ours − DDPM: -1.1 points [-2.0, -0.2]" in out
     assert "- ✅ target: speed-up >= 25x — measured 48.7x" in out

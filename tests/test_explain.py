@@ -294,6 +294,22 @@ def test_explain_with_classifier_matches_plain_predict_fn(model, predict_fn, les
     np.testing.assert_allclose(via_clf.weights, plain.weights, atol=1e-5)
 
 
+def test_padded_short_batches_explain_identically(predict_fn, lesion_cases):
+    from meddiffuse.explain.batch import pad_short_batches
+
+    widths: list[int] = []
+
+    def recording(images):
+        widths.append(len(images))
+        return predict_fn(images)
+
+    image, _, _ = lesion_cases[1]
+    padded = explain_image(pad_short_batches(recording), image, num_samples=300, batch_size=64)
+    plain = explain_image(predict_fn, image, num_samples=300, batch_size=64)
+    assert set(widths) == {64}  # 300 unique samples = 4 x 64 + 44, the last one padded: one shape only
+    np.testing.assert_allclose(padded.weights, plain.weights, atol=1e-6)
+
+
 def test_mask_share_spreads_superpixel_weight_over_its_pixels():
     segments = np.zeros((16, 16), dtype=np.int32)
     segments[:, 8:] = 1  # two halves

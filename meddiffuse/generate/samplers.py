@@ -34,6 +34,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
         dict(algorithm_type="dpmsolver++", solver_order=2),
         description="DPM-Solver++ (2M), deterministic; good images in 15-25 steps (default).",
     ),
+    "dpmsolver++-sde": SamplerSpec(
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="sde-dpmsolver++", solver_order=2),
+        stochastic=True,
+        description="SDE-DPM-Solver++ (2M), stochastic like ancestral DDPM: fresh noise each step corrects "
+                    "an imperfect model's drift; 20-30 steps.",
+    ),
     "unipc": SamplerSpec(
         UniPCMultistepScheduler,
         description="UniPC multistep predictor-corrector, deterministic; strong at 10-20 steps.",
