@@ -15,7 +15,7 @@ from rich.console import Console
 
 from meddiffuse.cli.tables import results_table
 from meddiffuse.config import ExperimentConfig, Settings
-from meddiffuse.experiment import run_experiment
+from meddiffuse.experiment import ExperimentConfigMismatch, run_experiment
 
 DOMAINS = ("brain-mri", "all", "covid-ct")
 
@@ -23,7 +23,7 @@ DOMAINS = ("brain-mri", "all", "covid-ct")
 def demo_config(domain: str, minutes: float, quick: bool = False) -> ExperimentConfig:
     return ExperimentConfig(
         domain=domain,
-        name=f"demo-{domain}",
+        name=f"demo-{domain}" + ("-quick" if quick else ""),  # never resume one as the other
         phantoms_per_class=40 if quick else 200,
         resolution=32,
         train_fraction=0.2,
@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     tables = []
     for domain in args.domains:
         console.rule(f"[bold]{domain}")
-        out = run_experiment(demo_config(domain, args.minutes, args.quick), settings,
-                             log=lambda m: console.print(m, highlight=False))
+        try:
+            out = run_experiment(demo_config(domain, args.minutes, args.quick), settings,
+                                 log=lambda m: console.print(m, highlight=False))
+        except ExperimentConfigMismatch as exc:
+            console.print(f"[red]{exc}[/]\nDelete {settings.home} (or set MEDDIFFUSE_HOME) to start the demo afresh.")
+            return 2
         tables.append((domain, out))
     console.rule("[bold]results on unseen real (phantom) test images")
     for domain, out in tables:

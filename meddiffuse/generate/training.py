@@ -187,6 +187,10 @@ def train_generator(
                 fit_horizon = False
                 per_step = (now - fit_started) / (FIT_AT_STEP - FIT_FROM_STEP)
                 fitted = fitted_horizon(step, per_step, deadline - now, config.train_steps)
+                if accelerator.num_processes > 1:  # all processes must share one schedule: the main one decides
+                    from accelerate.utils import broadcast_object_list
+
+                    fitted = broadcast_object_list([fitted])[0]
                 if _refit_lr_schedule(lr_scheduler, optimizer, config, fitted, accelerator.num_processes):
                     horizon = stop_step = fitted
                     ckpt_info = ckpt_info.model_copy(update={"horizon": horizon})  # resume keeps this schedule
