@@ -262,11 +262,12 @@ def test_preprocess_accepts_uint8_float_and_tensor_forms_equally():
 def test_frozen_inference_matches_eager_and_never_serves_stale_weights():
     clf = create_classifier(TINY, 4, 1, weights="none", input_size=40, seed=0)
     images = np.random.default_rng(1).integers(0, 256, (7, 32, 32, 1), dtype=np.uint8)
+    g = torch.Generator().manual_seed(0)  # seeded: the test must not depend on the tests run before it
     with torch.no_grad():  # BN statistics that differ from init, so folding them is exercised
         for m in clf.model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.running_var.shape, generator=g))
     eager = clf.predict_proba(images, batch_size=3)
     assert clf.optimize_for_inference() is clf and clf._frozen_module() is not None
     for batch in (1, 3, 7):  # traced at batch 2; other batch sizes must give the same answers
@@ -274,7 +275,8 @@ def test_frozen_inference_matches_eager_and_never_serves_stale_weights():
     # an optimiser step changes the weights in place: the snapshot must be dropped, not reused
     opt = torch.optim.SGD(clf.model.parameters(), lr=1.0)
     clf.model.train()
-    clf.model(clf.preprocess(images)).sum().backward()
+    targets = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    torch.nn.functional.cross_entropy(clf.model(clf.preprocess(images)), targets).backward()
     opt.step()
     assert clf._frozen_module() is None
     clf.model.eval()
