@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import real_data, write_result  # noqa: E402
 from meddiffuse.classify import create_classifier, evaluate, load_classifier, train_classifier  # noqa: E402
 from meddiffuse.config import ExperimentConfig, Settings  # noqa: E402
-from meddiffuse.data.dataset import Dataset, DatasetWriter  # noqa: E402
 from meddiffuse.experiment import Experiment  # noqa: E402
 from meddiffuse.generate import generate_dataset, load_generator  # noqa: E402
 
@@ -53,16 +52,6 @@ def subset_mask(kind: str, n: int | None, labels: np.ndarray, probs: np.ndarray)
         else:
             raise ValueError(f"unknown subset kind {kind!r}")
     return keep
-
-
-def write_subset(exp: Experiment, pool: Dataset, keep: np.ndarray, prefix: str) -> Dataset:
-    writer = DatasetWriter(exp.store, prefix, exp.domain, pool.manifest.resolution)
-    writer.withdraw()
-    for entry, k in zip(pool.manifest.entries, keep, strict=True):
-        if k:
-            exp.store.put(f"{writer.prefix}/{entry.key}", pool.read_bytes(entry))
-            writer.add_entry(entry)
-    return writer.commit()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind, n in specs:
             keep = subset_mask(kind, n, labels, probs)
             name = f"{kind}-{n}" if n else kind
-            ds = write_subset(exp, pool, keep, f"{exp.paths.root}/subsets/g{guidance:g}-{name}")
+            ds = pool.subset(f"{exp.paths.root}/subsets/g{guidance:g}-{name}", keep)
             t1 = time.monotonic()
             clf = create_classifier(ARCH, exp.domain.num_classes, exp.domain.channels, input_size=96,
                                     classes=exp.domain.classes, seed=a.seed)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from meddiffuse.config import ExperimentConfig, Settings
-from meddiffuse.data.dataset import Dataset, DatasetWriter, open_dataset
+from meddiffuse.data.dataset import Dataset, open_dataset
 from meddiffuse.data.ingest import ingest_folder
 from meddiffuse.data.phantoms import write_phantom_folder
 from meddiffuse.domains import Domain, get_domain
@@ -253,16 +253,10 @@ class Experiment:
             clf = load_classifier(self.paths.classifier(arch, "real"), self.store, self.settings)
             raw = open_dataset(self.store, self.paths.synthetic)
             images, labels = raw.load_arrays()
-            probs = clf.predict_proba(images)
+            probs = clf.optimize_for_inference().predict_proba(images)
             keep = probs[np.arange(len(labels)), labels] >= c.filter_min_confidence
-            writer = DatasetWriter(self.store, self.paths.synthetic_filtered, self.domain, raw.manifest.resolution)
-            writer.withdraw()
-            for entry, k in zip(raw.manifest.entries, keep, strict=True):
-                if k:
-                    self.store.put(writer.prefix + "/" + entry.key, raw.read_bytes(entry))
-                    writer.add_entry(entry)
-            kept = writer.commit(meta=raw.manifest.meta | {"filtered_by": f"{arch}-real",
-                                                           "min_confidence": c.filter_min_confidence})
+            kept = raw.subset(self.paths.synthetic_filtered, keep,
+                              meta={"filtered_by": f"{arch}-real", "min_confidence": c.filter_min_confidence})
             rejection = 1.0 - float(keep.mean())
             per_class = {cls: 1.0 - float(keep[labels == i].mean()) if (labels == i).any() else None
                          for i, cls in enumerate(self.domain.classes)}

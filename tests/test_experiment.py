@@ -101,3 +101,24 @@ def test_experiment_rejects_bad_requests(settings, tmp_path):
         Experiment(toy_config(train_data=["real", "imagined"]), settings)
     with pytest.raises(ValueError):
         Experiment(toy_config(archs=["not_a_real_net"]), settings)
+
+
+def test_filtered_synthetic_set_keeps_exactly_what_the_real_trained_judge_accepts(settings):
+    import numpy as np
+
+    from meddiffuse.classify import load_classifier
+    from meddiffuse.data.dataset import open_dataset
+
+    cfg = toy_config(name="toy-filter", filter_synthetic=True, filter_min_confidence=0.5,
+                     train_data=["real", "synthetic"], audit=False, explain_per_model=0, register_models=False)
+    Experiment(cfg, settings, progress=False, log=lambda m: None).run()
+    exp = Experiment(cfg, settings, progress=False, log=lambda m: None)
+    raw = open_dataset(exp.store, exp.paths.synthetic)
+    judge = load_classifier(exp.paths.classifier("resnet18", "real"), exp.store, settings)
+    images, labels = raw.load_arrays()
+    accepted = judge.predict_proba(images)[np.arange(len(labels)), labels] >= 0.5
+    kept = {e.key for e in exp.synthetic.manifest.entries}
+    assert kept == {e.key for e, a in zip(raw.manifest.entries, accepted, strict=True) if a}
+    assert exp.done("filter")["rejection_rate"] == 1.0 - accepted.mean()
+    assert exp.synthetic.manifest.meta["filtered_by"] == "resnet18-real"
+    assert exp.done("classifier-resnet18-synthetic")["n_train"] == len(kept)

@@ -113,6 +113,22 @@ def test_dataset_contract_and_id(store):
     assert len([k for k in store.list("datasets/c/images/")]) == 1
 
 
+def test_subset_copies_kept_images_and_masks_and_refuses_a_wrong_mask(store):
+    src = phantom_dataset(store, "datasets/p", "covid-ct", n_per_class=3, resolution=16)
+    keep = [i % 2 == 0 for i in range(len(src.manifest.entries))]
+    sub = src.subset("datasets/p-even", keep, meta={"why": "test"})
+    kept = [e for e, k in zip(src.manifest.entries, keep, strict=True) if k]
+    assert [e.key for e in sub.manifest.entries] == sorted(e.key for e in kept)
+    assert sub.manifest.meta["why"] == "test" and sub.domain.name == "covid-ct"
+    for e in sub.manifest.entries:  # the bytes (and masks) are really there, not only listed
+        assert np.array_equal(sub.load_image(e), src.load_image(e))
+        if e.mask_key:
+            assert np.array_equal(sub.load_mask(e), src.load_mask(e))
+    with pytest.raises(ValueError, match="flags"):
+        src.subset("datasets/p-bad", keep[:-1])
+    assert not store.exists("datasets/p-bad/manifest.json")  # refused before anything was written
+
+
 def test_phantoms_deterministic_with_masks():
     for name in ("brain-mri", "all", "covid-ct"):
         dom = get_domain(name)

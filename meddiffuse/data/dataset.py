@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -163,6 +163,24 @@ class Dataset:
             images[i] = self.load_image(e)
         labels = np.array([index[e.label] for e in entries], dtype=np.int64)
         return images, labels
+
+    def subset(self, prefix: str, keep: Sequence[bool], meta: dict[str, Any] | None = None) -> Dataset:
+        """A new dataset at ``prefix`` (same store) holding the entries where ``keep`` is true.
+
+        Objects are copied, then the manifest is committed; the source's ``meta`` is kept, updated by ``meta``.
+        """
+        entries = self.manifest.entries
+        if len(keep) != len(entries):
+            raise ValueError(f"keep has {len(keep)} flags for {len(entries)} entries of {self.prefix!r}")
+        writer = DatasetWriter(self.store, prefix, self.domain, self.manifest.resolution)
+        writer.withdraw()
+        for entry, k in zip(entries, keep, strict=True):
+            if k:
+                for rel in (entry.key, entry.mask_key):
+                    if rel is not None:
+                        self.store.put(f"{writer.prefix}/{rel}", self.store.get(self.key(rel)))
+                writer.add_entry(entry)
+        return writer.commit(meta=self.manifest.meta | (meta or {}))
 
     def __repr__(self) -> str:
         return f"Dataset({self.prefix!r}, id={self.id}, n={len(self.manifest.entries)})"
