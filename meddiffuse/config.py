@@ -14,13 +14,18 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# One value per concept: ingest, experiment, flows and services agree unless told otherwise.
+DEFAULT_RESOLUTION = 32
+DEFAULT_TRAIN_FRACTION = 0.2
+DEFAULT_SEED = 0
+
 
 class IngestConfig(BaseModel):
     """How raw image folders become a real Dataset."""
 
-    resolution: int = Field(64, ge=8, le=1024, description="Square side in pixels after centre crop.")
-    train_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each class in `train`.")
-    seed: int = 0
+    resolution: int = Field(DEFAULT_RESOLUTION, ge=8, le=1024, description="Square side in pixels after centre crop.")
+    train_fraction: float = Field(DEFAULT_TRAIN_FRACTION, gt=0.0, lt=1.0, description="Share of each class in `train`.")
+    seed: int = DEFAULT_SEED
     max_pixels: int = Field(
         50_000_000, description="Images above this many pixels are refused before decoding."
     )
@@ -47,30 +52,31 @@ class S3Config(BaseModel):
     verify_tls: bool = Field(True, description="Check the server certificate when `secure` is on.")
 
 
-class ExperimentConfig(BaseModel):
-    """The study's protocol for one domain; every field is a CLI flag, a flow parameter and a service field."""
+class Seeded(BaseModel):
+    seed: int = Field(DEFAULT_SEED, ge=0)
 
-    domain: str = "brain-mri"
-    data: Path | None = Field(None, description="Raw ImageFolder; None = a phantom folder made on the fly.")
-    test_data: Path | None = Field(None, description="Separate real test folder (deduplicated against train).")
-    name: str | None = Field(None, description="Experiment name; default = the domain.")
-    phantoms_per_class: int = Field(120, ge=4, description="Phantom images per class when data is None.")
-    resolution: int = Field(32, ge=8, le=512, description="Resolution of the datasets and the generator.")
-    train_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    # generator
+
+class GeneratorRecipe(Seeded):
+    """How a generator is trained: preset and budget. Steps make a run reproducible on any machine;
+    minutes are only an optional cap (a busy machine then trains fewer steps)."""
+
     generator_preset: str = "cpu-small"
-    generator_steps: int | None = Field(None, ge=1)
-    generator_minutes: float | None = Field(10.0, gt=0)
+    generator_steps: int | None = Field(700, ge=1, description="Training steps (the budget).")
+    generator_minutes: float | None = Field(None, gt=0, description="Optional wall-clock cap.")
     checkpoint_every: int = Field(200, ge=1)
-    # synthetic set
-    synthetic_multiple: float = Field(1.0, gt=0, description="Synthetic set = K x the real training set.")
+
+
+class SamplingRecipe(Seeded):
+    """How images are drawn from a generator (the one source of the sampling defaults)."""
+
     sampler: str = "dpmsolver++"
-    sampling_steps: int = Field(20, ge=1)
-    guidance: float = Field(2.0, ge=0)
-    filter_synthetic: bool = Field(False, description="Keep samples a real-train classifier agrees with.")
-    filter_min_confidence: float = Field(0.5, ge=0, le=1)
-    # classifiers
-    archs: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"])
+    sampling_steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0, le=20)
+
+
+class ClassifierRecipe(Seeded):
+    """How a classifier is trained and scored."""
+
     weights: str = Field("auto", description="auto | none | a local weights file (applies to every arch).")
     input_size: int | None = Field(None, description="Classifier input size; None = per-architecture default.")
     epochs: int = Field(10, ge=1)
@@ -78,19 +84,102 @@ class ExperimentConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     balanced: bool = False
     early_stopping_patience: int | None = Field(4, ge=1)
+    bootstrap: int = Field(1000, ge=0)
+
+
+class ClassifierSpec(ClassifierRecipe):
+    """One classifier to train, evaluate on a real test split and register (`train_and_register_classifier`)."""
+
+    domain: str
+    arch: str = "efficientnet_lite0"
+    train: list[str] = Field(min_length=1, description="Store prefixes of the training Datasets (train split).")
+    test: str = Field(description="Store prefix of the real Dataset whose `test` split scores the model.")
+    prefix: str | None = Field(None, description="Store prefix for the saved model; default from the spec's hash.")
+    alias: str | None = Field(None, description="Alias to point at the new version (e.g. challenger).")
+    register_model: bool = True
+
+
+class GeneratorSpec(GeneratorRecipe):
+    """One generator to train on a real Dataset's train split and register (`train_and_register_generator`)."""
+
+    domain: str
+    dataset: str = Field(description="Store prefix of the real Dataset.")
+    resolution: int | None = Field(None, ge=8, le=512, description="None = the dataset's resolution.")
+    prefix: str | None = Field(None, description="Store prefix of the run; default from the spec's hash.")
+    alias: str | None = None
+    register_model: bool = True
+
+
+class SynthesisSpec(SamplingRecipe):
+    """A synthetic Dataset to sample from a generator, in resumable shards."""
+
+    generator: str = Field(description="Registry ref (name@alias, name/version) or store prefix of a generator.")
+    per_class: int = Field(ge=1)
+    prefix: str = Field(description="Store prefix of the synthetic Dataset.")
+    classes: list[str] | None = None
+    shard_size: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1, le=1024)
+
+
+class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
+    """The study's protocol for one domain; every field is a CLI flag, a flow parameter and a service field."""
+
+    domain: str = "brain-mri"
+    data: Path | None = Field(None, description="Raw ImageFolder; None = a phantom folder made on the fly.")
+    test_data: Path | None = Field(None, description="Separate real test folder (deduplicated against train).")
+    name: str | None = Field(None, description="Experiment name; default = the domain.")
+    phantoms_per_class: int = Field(120, ge=4, description="Phantom images per class when data is None.")
+    resolution: int = Field(DEFAULT_RESOLUTION, ge=8, le=512,
+                            description="Resolution of the datasets and the generator.")
+    train_fraction: float = Field(DEFAULT_TRAIN_FRACTION, gt=0.0, lt=1.0)
+    # synthetic set
+    synthetic_multiple: float = Field(1.0, gt=0, description="Synthetic set = K x the real training set.")
+    filter_synthetic: bool = Field(False, description="Keep samples a real-train classifier agrees with.")
+    filter_min_confidence: float = Field(0.5, ge=0, le=1)
+    # classifiers
+    archs: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"])
     train_data: list[str] = Field(default_factory=lambda: ["real", "synthetic", "mixed"])
     # explanations and audit
     explain_per_model: int = Field(4, ge=0, description="LIME explanations per classifier (right and wrong).")
     lime_samples: int = Field(1000, ge=10)
     audit: bool = True
     audit_gate: float = Field(0.01, ge=0, le=1, description="Allowed excess share of likely copies.")
-    register_models: bool = Field(True, description="Register every classifier in the MLflow registry.")
-    bootstrap: int = Field(1000, ge=0)
-    seed: int = 0
+    register_models: bool = Field(True, description="Register the generator and every classifier in MLflow.")
+    promote: bool = Field(True, description="Move `champion` to a new classifier only when it beats the champion.")
 
     @property
     def experiment_name(self) -> str:
         return self.name or self.domain
+
+
+class ServeConfig(BaseModel):
+    """The BentoML services: auth, limits, model reloading."""
+
+    api_key: SecretStr = Field(SecretStr(""), description="Required in the X-API-Key header; '' = no auth.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_concurrency: int = Field(32, ge=1, description="Requests in flight per service; more get 429.")
+    threads: int = Field(4, ge=1, description="Threads for sync APIs (BentoML's default is 1).")
+    workers: int = Field(1, ge=1, description="Worker processes per service.")
+    reload_interval_s: float = Field(10.0, gt=0, le=10.0, description="How often a service re-resolves @champion.")
+    max_images_per_request: int = Field(16, ge=1, description="Largest n that /generate answers inline.")
+    max_images_per_task: int = Field(4096, ge=1, description="Largest n that /generate accepts as a task.")
+    predict_batch: int = Field(16, ge=1, description="Adaptive batching: rows per /predict batch.")
+    lime_samples: int = Field(1000, ge=10, le=10000)
+    webhook_secret: SecretStr = Field(SecretStr(""), description="MLflow webhook HMAC secret; '' = no webhook.")
+    domains: list[str] = Field(default_factory=lambda: ["brain-mri", "all", "covid-ct"],
+                               description="Domains whose champions a service serves (those registered).")
+
+
+class FlowConfig(BaseModel):
+    """Prefect flows: where their heavy steps run."""
+
+    backend: Literal["inprocess", "http"] = "inprocess"
+    generator_url: str = "http://127.0.0.1:3001"
+    trainer_url: str = "http://127.0.0.1:3002"
+    shard_size: int = Field(64, ge=1)
+    task_retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(2.0, ge=0)
+    poll_interval_s: float = Field(2.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -110,13 +199,14 @@ class Settings(BaseSettings):
     tracking_uri: str = Field("", description="MLflow tracking URI; '' = SQLite under <home>.")
     registry_uri: str = Field("", description="MLflow registry URI; '' = same as tracking.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
     weights_dir: Path | None = Field(
         None, description="Folder searched for local pretrained classifier weights."
     )
     ingest: IngestConfig = IngestConfig()
     experiment: ExperimentConfig = ExperimentConfig()
     s3: S3Config = S3Config()
+    serve: ServeConfig = ServeConfig()
+    flows: FlowConfig = FlowConfig()
 
     @field_validator("home", mode="after")
     @classmethod
@@ -144,7 +234,3 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def get_settings(**overrides: object) -> Settings:
-    """Settings from the environment with explicit overrides on top."""
-    return Settings(**overrides)

@@ -37,6 +37,7 @@ class Classifier:
         mean: Sequence[float],
         std: Sequence[float],
         pretrained_source: str | None,
+        resolution: int | None = None,
     ) -> None:
         num_classes = getattr(model, "num_classes", None)
         if num_classes is not None and num_classes != len(classes):
@@ -52,6 +53,10 @@ class Classifier:
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
         self.pretrained_source = pretrained_source
+        # the square side of the dataset images it was trained on: an upload is centre-cropped and
+        # resized to this before ``preprocess`` (exactly what ingest did to the training images)
+        self.resolution = resolution
+        self.registered: Any = None  # the PinnedVersion it was loaded from, when it came from the registry
         self._frozen: tuple[tuple, Any] | None = None  # (weights key, TorchScript snapshot)
 
     # --- construction -------------------------------------------------------------------------
@@ -71,6 +76,7 @@ class Classifier:
             mean=metadata["mean"],
             std=metadata["std"],
             pretrained_source=metadata.get("pretrained_source"),
+            resolution=metadata.get("resolution"),
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -86,6 +92,10 @@ class Classifier:
             "mean": list(self.mean),
             "std": list(self.std),
             "pretrained_source": self.pretrained_source,
+            # the input contract an upload must meet: decoded, converted to `channels`, centre-cropped
+            # to a square, resized to `resolution` (bicubic), then `preprocess` (input_size, mean/std)
+            "resolution": self.resolution,
+            "crop": "centre-square",
         }
 
     @property

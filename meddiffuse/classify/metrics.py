@@ -160,15 +160,20 @@ def _overall_auc(y_true: np.ndarray, y_prob: np.ndarray, per_class: list[float |
 
 
 def _bootstrap(
-    y_true: np.ndarray, y_pred: np.ndarray, k: int, resamples: int, seed: int
+    y_true: np.ndarray, y_pred: np.ndarray, k: int, resamples: int, seed: int, identity: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy, balanced accuracy and macro-F1 over seeded resamples (vectorised per chunk)."""
+    """Accuracy, balanced accuracy and macro-F1 over seeded resamples (vectorised per chunk).
+
+    ``identity``: ``y_true``/``y_pred`` are already (B, n) index rows (B=1: the point estimate)."""
     rng = np.random.default_rng(seed)
-    n = len(y_true)
+    n = y_true.shape[-1]
     acc, bal, mf1 = [], [], []
-    for start in range(0, resamples, _BOOTSTRAP_CHUNK):
-        idx = rng.integers(0, n, size=(min(_BOOTSTRAP_CHUNK, resamples - start), n))
-        t, p = y_true[idx], y_pred[idx]
+    for start in range(0, 1 if identity else resamples, _BOOTSTRAP_CHUNK):
+        if identity:
+            t, p = y_true, y_pred
+        else:
+            idx = rng.integers(0, n, size=(min(_BOOTSTRAP_CHUNK, resamples - start), n))
+            t, p = y_true[idx], y_pred[idx]
         acc.append((t == p).mean(axis=1))
         is_t = t[..., None] == np.arange(k)  # (B, n, K)
         is_p = p[..., None] == np.arange(k)
@@ -185,3 +190,57 @@ def _bootstrap(
 def _percentile_interval(values: np.ndarray) -> Interval:
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
+
+
+class PairedComparison(BaseModel):
+    """Metric of B minus metric of A on the same images, with a paired percentile-bootstrap 95% interval."""
+
+    metric: str
+    a: float
+    b: float
+    difference: float
+    ci95: Interval
+    n: int
+    bootstrap: int
+
+    @property
+    def b_better(self) -> bool:
+        return self.difference > 0
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes zero."""
+        return self.ci95[0] > 0 or self.ci95[1] < 0
+
+
+PAIRED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    num_classes: int,
+    *,
+    metric: str = "balanced_accuracy",
+    resamples: int = 1000,
+    seed: int = 0,
+) -> PairedComparison:
+    """Compare two classifiers' predictions on the same labelled images: each resample draws the same
+    images for both, so the interval reflects their difference, not the test set's overall difficulty."""
+    if metric not in PAIRED_METRICS:
+        raise ValueError(f"metric must be one of {PAIRED_METRICS}, got {metric!r}")
+    y_true, pred_a, pred_b = (np.asarray(v, dtype=np.int64) for v in (y_true, pred_a, pred_b))
+    if not (len(y_true) == len(pred_a) == len(pred_b)) or len(y_true) == 0:
+        raise ValueError("labels and both predictions must be non-empty and of equal length")
+    which = PAIRED_METRICS.index(metric)
+    point_a = _bootstrap(y_true[None], pred_a[None], num_classes, 1, 0, identity=True)[which][0]
+    point_b = _bootstrap(y_true[None], pred_b[None], num_classes, 1, 0, identity=True)[which][0]
+    if resamples > 0:
+        ma = _bootstrap(y_true, pred_a, num_classes, resamples, seed)[which]
+        mb = _bootstrap(y_true, pred_b, num_classes, resamples, seed)[which]  # same seed: same resamples
+        ci = _percentile_interval(mb - ma)
+    else:
+        ci = (float("nan"), float("nan"))
+    return PairedComparison(metric=metric, a=float(point_a), b=float(point_b), difference=float(point_b - point_a),
+                            ci95=ci, n=len(y_true), bootstrap=resamples)

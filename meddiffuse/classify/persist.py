@@ -58,27 +58,26 @@ def read_classifier_metadata(store: ObjectStore, prefix: str) -> dict[str, Any]:
 def load_classifier(
     ref: str, store: ObjectStore | None = None, settings: Settings | None = None
 ) -> Classifier:
-    """A classifier from a store prefix, or from the MLflow registry for ``models:/name@alias`` refs."""
-    if ref.startswith("models:/"):
-        try:
-            from meddiffuse.store.registry import load_classifier_model
-        except ImportError as exc:
-            raise RuntimeError(f"cannot load {ref}: the registry module is unavailable ({exc})") from exc
-        model, metadata = load_classifier_model(ref)
-        clf = Classifier.from_module(model, metadata)
-    else:
-        if store is None:
-            from meddiffuse.store import create_store
+    """A classifier from a store prefix, or from the registry for ``models:/...`` / ``name@alias`` refs."""
+    from meddiffuse.registry.refs import is_registry_ref
 
-            store = create_store(settings)
-        clf = _load_from_store(store, ref)
+    if is_registry_ref(ref):
+        from meddiffuse.classify.registry import load_registered_classifier
+
+        return load_registered_classifier(ref, settings)
+    if store is None:
+        from meddiffuse.store import create_store
+
+        store = create_store(settings)
+    clf = load_classifier_from_store(store, ref)
     if settings is not None:
         clf.to(settings.torch_device())
     clf.model.eval()
     return clf
 
 
-def _load_from_store(store: ObjectStore, prefix: str) -> Classifier:
+def load_classifier_from_store(store: ObjectStore, prefix: str) -> Classifier:
+    """The committed classifier at ``prefix`` (weights checked against their recorded SHA-256)."""
     prefix = prefix.rstrip("/")
     metadata = read_classifier_metadata(store, prefix)
     data = store.get(f"{prefix}/{metadata.get('weights_file', WEIGHTS_FILE)}")
@@ -88,4 +87,5 @@ def _load_from_store(store: ObjectStore, prefix: str) -> Classifier:
         metadata["arch"], pretrained=False, num_classes=len(metadata["classes"]), in_chans=metadata["in_chans"]
     )
     model.load_state_dict(safetensors.torch.load(data), strict=True)
+    model.eval()
     return Classifier.from_module(model, metadata)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from meddiffuse.cli.app import app, console, fail
-from meddiffuse.config import Settings
+from meddiffuse.config import DEFAULT_SEED, Settings
 from meddiffuse.data.dataset import DatasetNotFound, open_dataset
 from meddiffuse.quality.audit import run_audit
 from meddiffuse.quality.features import DOMAIN, IMAGENET, build_extractors
@@ -82,7 +82,7 @@ def audit_cmd(
 
     settings = Settings()
     store = create_store(settings)
-    seed = settings.seed if seed is None else seed
+    seed = DEFAULT_SEED if seed is None else seed
     try:
         syn_ds, real_ds = open_dataset(store, synthetic), open_dataset(store, real)
         extractors = build_extractors(

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from meddiffuse.cli.app import app, console, fail
-from meddiffuse.config import Settings
+from meddiffuse.config import DEFAULT_SEED, Settings
 from meddiffuse.data.dataset import DatasetNotFound, open_dataset
 from meddiffuse.domains import Domain, UnknownClassError, UnknownDomainError, get_domain
 from meddiffuse.store import StoreError, create_store
@@ -66,7 +66,7 @@ def train_generator_cmd(
         config = create_generator_config(preset, dom, resolution, **overrides)
         info = train_generator(
             real, config, store, prefix, max_steps=steps, max_minutes=minutes, resume=resume,
-            checkpoint_every=checkpoint_every, seed=settings.seed if seed is None else seed,
+            checkpoint_every=checkpoint_every, seed=DEFAULT_SEED if seed is None else seed,
             settings=settings, progress=not no_progress, overwrite=overwrite,
         )
     except _errors() as exc:
@@ -111,7 +111,7 @@ def generate_cmd(
     settings = Settings()
     dom = _domain(domain)
     store = create_store(settings)
-    seed = settings.seed if seed is None else seed
+    seed = DEFAULT_SEED if seed is None else seed
     try:
         gen = load_generator(generator, store, settings)
         gen.check_compatible(dom, resolution)

@@ -25,6 +25,9 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 Split = Literal["train", "test"]
+# What a classifier was trained on: real only (TRTR), synthetic only (TSTR), or both. The one vocabulary.
+TrainData = Literal["real", "synthetic", "mixed"]
+TRAIN_DATA_ORIGINS: tuple[str, ...] = ("real", "synthetic", "mixed")
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -300,3 +303,15 @@ class DatasetWriter:
                 self.store.delete(key)
         return Dataset(self.store, self.prefix, manifest)
 
+
+
+def train_data_of(datasets: Iterable[Dataset]) -> TrainData:
+    """``real``, ``synthetic`` or ``mixed``: what a classifier trained on these datasets' images saw."""
+    kinds = {e.origin.kind for ds in datasets for e in ds.manifest.entries}
+    if kinds == {"real"}:
+        return "real"
+    if kinds == {"synthetic"}:
+        return "synthetic"
+    if kinds == {"real", "synthetic"}:
+        return "mixed"
+    raise ValueError("no images in the given datasets")

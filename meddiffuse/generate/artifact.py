@@ -62,6 +62,12 @@ def write_generator_folder(generator_ref: str, store: ObjectStore, out_dir: str 
     return out
 
 
+def read_generator_meta(ref: str, store: ObjectStore | None) -> GeneratorMeta:
+    """A saved generator's ``generator.json`` (store prefix or folder) without loading its weights."""
+    read, _where = _resolve(ref, store)
+    return GeneratorMeta.model_validate_json(read(GENERATOR_JSON))
+
+
 def load_generator(
     ref: str,
     store: ObjectStore | None = None,
@@ -70,7 +76,9 @@ def load_generator(
 ) -> DiffusionGenerator:
     """Load a committed generator from a store prefix, a local folder or a ``models:/`` registry URI."""
     device = device or (settings or Settings()).torch_device()
-    if ref.startswith("models:/") or ref.startswith("runs:/"):
+    from meddiffuse.registry import is_registry_ref
+
+    if is_registry_ref(ref) or ref.startswith("runs:/"):
         return _load_from_mlflow(ref, settings, device)
     read, where = _resolve(ref, store)
     meta = GeneratorMeta.model_validate_json(read(GENERATOR_JSON))
@@ -120,12 +128,14 @@ def _folder_reader(root: Path, ref: str) -> tuple[ReadFile, str]:
 def _load_from_mlflow(ref: str, settings: Settings | None, device: str) -> DiffusionGenerator:
     import mlflow
 
-    from meddiffuse.store.tracking import configure_mlflow
+    from meddiffuse.registry import configure_mlflow, is_registry_ref, resolve
 
+    pinned = resolve(ref, settings) if is_registry_ref(ref) else None  # lineage names a version, never an alias
+    uri = pinned.uri if pinned is not None else ref
     configure_mlflow(settings)
     with tempfile.TemporaryDirectory(prefix="meddiffuse-registry-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         generator = load_generator(local, store=None, settings=settings, device=device)
-    generator.ref = ref
+    generator.ref = uri
+    generator.pinned = pinned
     return generator
-

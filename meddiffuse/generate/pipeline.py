@@ -43,6 +43,7 @@ class DiffusionGenerator:
         self.scheduler_config = scheduler_config
         self.meta = meta
         self.ref = ref
+        self.pinned: Any = None  # the registry PinnedVersion it was loaded from, if any
 
     # -- what it generates -------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
@@ -28,6 +29,7 @@ from meddiffuse.data.dataset import (
 )
 from meddiffuse.domains import Domain
 from meddiffuse.generate.errors import InvalidGeneratorRequest
+from meddiffuse.generate.metadata import GeneratorMeta
 from meddiffuse.generate.pipeline import DiffusionGenerator
 from meddiffuse.generate.samplers import DEFAULT_SAMPLER, get_sampler_spec
 from meddiffuse.generate.seeding import class_seeds
@@ -81,6 +83,29 @@ class GenerationPlan(BaseModel):
         ]
 
 
+@dataclass(frozen=True)
+class GeneratorSummary:
+    """What a plan needs to know of a generator, without loading its UNet."""
+
+    domain: Domain
+    channels: int
+    resolution: int
+    id: str
+    ref: str
+
+    @classmethod
+    def of(cls, generator: DiffusionGenerator | GeneratorSummary) -> GeneratorSummary:
+        if isinstance(generator, GeneratorSummary):
+            return generator
+        return cls(generator.domain, generator.channels, generator.resolution, generator.id,
+                   generator.ref or generator.id)
+
+    @classmethod
+    def from_meta(cls, meta: GeneratorMeta, ref: str) -> GeneratorSummary:
+        domain = Domain(name=meta.domain, classes=list(meta.classes), channels=meta.channels)
+        return cls(domain, meta.channels, meta.resolution, meta.weights_id, ref)
+
+
 class ShardRecord(BaseModel):
     plan: str
     shard: ShardSpec
@@ -88,7 +113,7 @@ class ShardRecord(BaseModel):
 
 
 def plan_generation(
-    generator: DiffusionGenerator,
+    generator: DiffusionGenerator | GeneratorSummary,
     per_class: int,
     *,
     sampler: str = DEFAULT_SAMPLER,
@@ -112,6 +137,7 @@ def plan_generation(
     if seed < 0:
         raise InvalidGeneratorRequest(f"seed must be >= 0, got {seed}")
     get_sampler_spec(sampler)
+    generator = GeneratorSummary.of(generator)
     domain = generator.domain
     labels = list(domain.classes) if classes is None else [domain.canonical_class(c) for c in classes]
     if not labels:
@@ -121,7 +147,7 @@ def plan_generation(
     return GenerationPlan(
         domain=domain.name, classes=list(domain.classes), channels=generator.channels,
         resolution=generator.resolution,
-        generator_ref=generator_ref or generator.ref or generator.id, generator_id=generator.id,
+        generator_ref=generator_ref or generator.ref, generator_id=generator.id,
         sampler=sampler, steps=steps, guidance=float(guidance), seed=seed, per_class=per_class,
         shard_size=shard_size, batch_size=batch_size, labels=labels,
     )
@@ -142,7 +168,7 @@ def generate_dataset(
     batch_size: int = 64,
     classes: Sequence[str] | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = False,
     on_shard: ShardCallback | None = None,
 ) -> Dataset:
     """Generate (or finish generating) ``per_class`` images per class into a Dataset at ``prefix``.
@@ -212,7 +238,9 @@ def committed_shards(store: ObjectStore, prefix: str, plan: GenerationPlan) -> l
     return [r for r in records if r.plan == plan.fingerprint and r.shard.name in wanted]
 
 
-def commit_generation(store: ObjectStore, prefix: str, plan: GenerationPlan) -> Dataset:
+def commit_generation(
+    store: ObjectStore, prefix: str, plan: GenerationPlan, extra_meta: dict | None = None
+) -> Dataset:
     """Write the dataset manifest from all shard records (refusing if any is missing), then sweep shards."""
     records = {r.shard.name: r for r in committed_shards(store, prefix, plan)}
     missing = [s.name for s in plan.shards() if s.name not in records]
@@ -226,7 +254,8 @@ def commit_generation(store: ObjectStore, prefix: str, plan: GenerationPlan) -> 
     for shard in plan.shards():
         for entry in records[shard.name].entries:
             writer.add_entry(entry)
-    meta = {"synthetic": True, "plan": plan.fingerprint, "generation": plan.model_dump(mode="json")}
+    meta = {"synthetic": True, "plan": plan.fingerprint, "generation": plan.model_dump(mode="json"),
+            "generator": plan.generator_ref, **(extra_meta or {})}
     dataset = writer.commit(meta=meta)
     _sweep_shards(store, prefix)
     return dataset
@@ -253,3 +282,16 @@ def _shard_key(prefix: str, plan: GenerationPlan, shard: ShardSpec) -> str:
 
 def _sweep_shards(store: ObjectStore, prefix: str) -> None:
     store.delete_prefix(f"{prefix}/{SHARDS_DIR}/")
+
+
+def pending_shards(store: ObjectStore, prefix: str, plan: GenerationPlan) -> list[ShardSpec]:
+    """The plan's shards not yet committed at ``prefix`` (none once the dataset itself is committed)."""
+    prefix = prefix.strip("/")
+    if dataset_exists(store, prefix) and open_dataset(store, prefix).manifest.meta.get("plan") == plan.fingerprint:
+        return []
+    done = {record.shard.name for record in committed_shards(store, prefix, plan)}
+    return [s for s in plan.shards() if s.name not in done]
+
+
+def shard_committed(store: ObjectStore, prefix: str, plan: GenerationPlan, shard: ShardSpec) -> bool:
+    return store.exists(_shard_key(prefix.strip("/"), plan, shard))
