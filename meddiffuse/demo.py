@@ -20,7 +20,7 @@ from meddiffuse.experiment import ExperimentConfigMismatch, run_experiment
 DOMAINS = ("brain-mri", "all", "covid-ct")
 
 
-def demo_config(domain: str, minutes: float, quick: bool = False) -> ExperimentConfig:
+def demo_config(domain: str, steps: int = 1200, minutes: float | None = None, quick: bool = False) -> ExperimentConfig:
     return ExperimentConfig(
         domain=domain,
         name=f"demo-{domain}" + ("-quick" if quick else ""),  # never resume one as the other
@@ -29,8 +29,9 @@ def demo_config(domain: str, minutes: float, quick: bool = False) -> ExperimentC
         train_fraction=0.2,
         # the tiny UNet learns phantoms in a couple of minutes on a CPU; cpu-small needs ~10x longer
         generator_preset="tiny",
+        # a step budget: the same samples on any machine, however busy (minutes only cap it, if given)
         generator_minutes=None if quick else minutes,
-        generator_steps=30 if quick else 1500,
+        generator_steps=30 if quick else steps,
         checkpoint_every=10 if quick else 250,
         synthetic_multiple=1.0,
         sampling_steps=10 if quick else 20,
@@ -47,7 +48,8 @@ def demo_config(domain: str, minutes: float, quick: bool = False) -> ExperimentC
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
-    parser.add_argument("--minutes", type=float, default=1.5, help="Generator budget per domain.")
+    parser.add_argument("--steps", type=int, default=1200, help="Generator training steps per domain.")
+    parser.add_argument("--minutes", type=float, default=None, help="Optional wall-clock cap per generator.")
     parser.add_argument("--quick", action="store_true", help="Seconds-scale smoke run (tests).")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for domain in args.domains:
         console.rule(f"[bold]{domain}")
         try:
-            out = run_experiment(demo_config(domain, args.minutes, args.quick), settings,
+            out = run_experiment(demo_config(domain, args.steps, args.minutes, args.quick), settings, progress=True,
                                  log=lambda m: console.print(m, highlight=False))
         except ExperimentConfigMismatch as exc:
             console.print(f"[red]{exc}[/]\nDelete {settings.home} (or set MEDDIFFUSE_HOME) to start the demo afresh.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import tempfile
 import time
@@ -31,6 +32,7 @@ from meddiffuse.report import markdown_table, render_html
 from meddiffuse.store import ObjectNotFound, ObjectStore, create_store
 
 Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 class ExperimentPaths:
@@ -58,7 +60,7 @@ class ExperimentPaths:
 
 # Fields that may change between runs of one experiment: adding architectures or training sets only
 # adds stages (their names carry arch and data), and registration does not change any result.
-RESUMABLE_CHANGES = frozenset({"name", "archs", "train_data", "register_models"})
+RESUMABLE_CHANGES = frozenset({"name", "archs", "train_data", "register_models", "promote"})
 
 
 class ExperimentConfigMismatch(ValueError):
@@ -73,8 +75,8 @@ class Experiment:
         config: ExperimentConfig,
         settings: Settings | None = None,
         store: ObjectStore | None = None,
-        progress: bool = True,
-        log: Log = print,
+        progress: bool = False,
+        log: Log = logger.info,
     ) -> None:
         self.config = config
         self.settings = settings or Settings()
@@ -196,44 +198,55 @@ class Experiment:
         return self.real
 
     def train_generator(self) -> dict[str, Any]:
-        from meddiffuse.generate import create_generator_config, train_generator
+        """Train (resuming) and register the generator on the real training split."""
+        from meddiffuse.config import GeneratorRecipe, GeneratorSpec
+        from meddiffuse.tasks import train_and_register_generator
 
         c = self.config
 
         def run() -> dict[str, Any]:
-            gcfg = create_generator_config(c.generator_preset, self.domain, c.resolution)
-            resume = bool(self.store.list(f"{self.paths.generator}/checkpoints/"))
-            info = train_generator(
-                self.real, gcfg, self.store, self.paths.generator,
-                max_steps=c.generator_steps, max_minutes=c.generator_minutes,  # whichever comes first
-                resume=resume, checkpoint_every=c.checkpoint_every, seed=c.seed, settings=self.settings,
-                progress=self.progress, overwrite=not resume,
+            spec = GeneratorSpec(
+                domain=self.domain.name, dataset=self.paths.real, resolution=c.resolution,
+                **{k: getattr(c, k) for k in GeneratorRecipe.model_fields},
+                prefix=self.paths.generator, register_model=c.register_models,
             )
-            return {"ref": info.ref, "steps": info.steps_trained, "parameters": info.parameters,
-                    "final_loss": info.final_loss, "images_per_second": info.images_per_second,
-                    "stopped_by": info.stopped_by, "preset": info.preset, "horizon": info.horizon}
+            out = train_and_register_generator(spec, settings=self.settings, store=self.store, progress=self.progress)
+            return {"ref": out.prefix, "uri": out.uri, "version": out.version, "alias": out.alias,
+                    "steps": out.steps_trained, "parameters": out.parameters, "final_loss": out.final_loss,
+                    "images_per_second": out.images_per_second, "stopped_by": out.stopped_by,
+                    "preset": out.preset, "horizon": out.horizon}
 
         return self._stage("generator", run)
 
     def synthesize(self) -> dict[str, Any]:
-        from meddiffuse.generate import generate_dataset, load_generator
+        """Sample the synthetic set from the *pinned* generator version (or its store copy if unregistered)."""
+        from meddiffuse.config import SynthesisSpec
+        from meddiffuse.tasks import synthesize
 
         c = self.config
 
         def run() -> dict[str, Any]:
-            gen = load_generator(self.paths.generator, self.store, self.settings)
+            gen = self._require("generator")
             n_train = len(self.real.manifest.select("train"))
             per_class = max(1, math.ceil(c.synthetic_multiple * n_train / self.domain.num_classes))
-            ds = generate_dataset(
-                gen, self.store, self.paths.synthetic, per_class, sampler=c.sampler, steps=c.sampling_steps,
-                guidance=c.guidance, seed=c.seed, generator_ref=self.paths.generator, progress=self.progress,
+            spec = SynthesisSpec(
+                generator=gen.get("uri") or gen["ref"], per_class=per_class, prefix=self.paths.synthetic,
+                sampler=c.sampler, sampling_steps=c.sampling_steps, guidance=c.guidance, seed=c.seed,
                 # sampling pads every batch to a fixed width (for bit-exact regeneration); a small set
                 # should not pay for 64 rows per call
                 batch_size=min(64, max(8, -(-per_class // 8) * 8)),
             )
-            return {"synthetic": ds.id, "per_class": per_class, "n": len(ds.manifest.entries)}
+            out = synthesize(spec, settings=self.settings, store=self.store)
+            return {"synthetic": out.dataset_id, "per_class": per_class, "n": out.n, "generator": out.generator}
 
         return self._stage("synthesize", run)
+
+    def _require(self, stage: str) -> dict[str, Any]:
+        """A stage this one depends on; the protocol (``run``) orders them, so a missing one is a bug."""
+        found = self.done(stage)
+        if found is None:
+            raise RuntimeError(f"stage {stage!r} must run before this one (see Experiment.run for the order)")
+        return found
 
     @property
     def synthetic(self) -> Dataset:
@@ -249,7 +262,7 @@ class Experiment:
             from meddiffuse.classify import load_classifier
 
             arch = c.archs[0]
-            self.train_one(arch, "real")
+            self._require(f"classifier-{arch}-real")
             clf = load_classifier(self.paths.classifier(arch, "real"), self.store, self.settings)
             raw = open_dataset(self.store, self.paths.synthetic)
             images, labels = raw.load_arrays()
@@ -266,60 +279,57 @@ class Experiment:
         return self._stage("filter", run)
 
     def train_one(self, arch: str, train_data: str) -> dict[str, Any]:
-        """Train, save, evaluate and register one classifier (one stage per arch × training data)."""
-        from meddiffuse.classify import create_classifier, evaluate, save_classifier, train_classifier
+        """Train, evaluate, save and register one classifier (one stage per arch x training data)."""
+        from meddiffuse.config import ClassifierRecipe, ClassifierSpec
+        from meddiffuse.tasks import train_and_register_classifier
 
         c = self.config
 
         def run() -> dict[str, Any]:
-            sources: list[tuple[Dataset, str | None]] = []
+            train = []
             if train_data in ("real", "mixed"):
-                sources.append((self.real, "train"))
+                train.append(self.paths.real)
             if train_data in ("synthetic", "mixed"):
-                sources.append((self.synthetic, None))
-            weights: str | None = None if c.weights == "none" else c.weights
-            clf = create_classifier(
-                arch, self.domain.num_classes, self.domain.channels, weights=weights, input_size=c.input_size,
-                classes=self.domain.classes, channels=self.domain.channels,
-                weights_dir=self.settings.weights_dir, seed=c.seed,
+                train.append(self.paths.synthetic_filtered if c.filter_synthetic else self.paths.synthetic)
+            spec = ClassifierSpec(
+                domain=self.domain.name, arch=arch, train=train, test=self.test_prefix,
+                **{k: getattr(c, k) for k in ClassifierRecipe.model_fields},
+                prefix=self.paths.classifier(arch, train_data), register_model=c.register_models,
             )
-            clf.to(self.settings.torch_device())
-            train = train_classifier(
-                clf, sources, domain=self.domain, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                balanced=c.balanced, early_stopping_patience=c.early_stopping_patience, seed=c.seed,
-                progress=self.progress,
-            )
-            result = evaluate(clf, self.test_set, "test", bootstrap=c.bootstrap, seed=c.seed)
-            n_train = sum(len(ds.manifest.select(split)) for ds, split in sources)
-            row = result.model_dump(mode="json") | {
-                "arch": arch, "train_data": train_data, "pretrained": clf.pretrained_source,
-                "n_train": n_train, "best_epoch": getattr(train, "best_epoch", None),
-                "dataset_ids": {"train": [ds.id for ds, _ in sources], "test": self.test_set.id},
+            out = train_and_register_classifier(spec, settings=self.settings, store=self.store, progress=self.progress)
+            return out.evaluation | {
+                "arch": arch, "train_data": out.train_data, "pretrained": out.pretrained, "n_train": out.n_train,
+                "best_epoch": out.best_epoch, "dataset_ids": out.dataset_ids, "model_uri": out.uri,
+                "model_version": out.version,
             }
-            save_classifier(clf, self.store, self.paths.classifier(arch, train_data), info=row)
-            if c.register_models:
-                self._track_classifier(clf, row)
-            return row
 
         return self._stage(f"classifier-{arch}-{train_data}", run)
 
-    def _track_classifier(self, clf: Any, row: dict[str, Any]) -> None:
-        """Log the run to MLflow and register the model (tagged with its metrics and data origin)."""
-        try:
-            from meddiffuse.store.registry import register_classifier
-        except ImportError:  # pragma: no cover - registry is part of the package
-            return
-        entries = self.test_set.manifest.select("test")[:2]
-        images, _ = self.test_set.load_arrays(entries=entries)
-        example = clf.preprocess(images).detach().cpu().numpy()  # what the model itself receives
-        register_classifier(
-            clf.model, domain=self.domain.name, classes=self.domain.classes, arch=row["arch"],
-            input_example=example, train_data=row["train_data"],
-            dataset_ids={"train": ",".join(row["dataset_ids"]["train"]), "test": row["dataset_ids"]["test"]},
-            pretrained=row.get("pretrained"),
-            metrics={k: row[k] for k in ("accuracy", "balanced_accuracy", "macro_f1") if row.get(k) is not None},
-            metadata=clf.metadata(), settings=self.settings,
-        )
+    @property
+    def test_prefix(self) -> str:
+        return self.paths.real_test if self.config.test_data is not None else self.paths.real
+
+    def promote(self) -> dict[str, Any]:
+        """Offer every registered classifier of this run as challenger: ``champion`` moves only to one that
+        beats the current champion on this experiment's real test split (``promote_if_better``)."""
+        from meddiffuse.tasks import promote_if_better
+
+        c = self.config
+
+        def run() -> dict[str, Any]:
+            decisions = []
+            for arch in c.archs:
+                for train_data in c.train_data:
+                    row = self._require(f"classifier-{arch}-{train_data}")
+                    if not row.get("model_uri"):
+                        continue
+                    decision = promote_if_better(row["model_uri"], self.test_prefix, bootstrap=c.bootstrap,
+                                                 seed=c.seed, settings=self.settings, store=self.store)
+                    self.log(f"promote {arch}-{train_data} ({row['model_uri']}): {decision.reason}")
+                    decisions.append(decision.model_dump(mode="json"))
+            return {"decisions": decisions}
+
+        return self._stage("promote", run)
 
     def audit(self) -> dict[str, Any]:
         """Fidelity, diversity and memorisation of the synthetic set, in ImageNet and domain feature space."""
@@ -331,7 +341,7 @@ class Experiment:
 
             # the domain space reuses the experiment's own real-train classifier instead of training one
             arch = self.config.archs[0]
-            self.train_one(arch, "real")
+            self._require(f"classifier-{arch}-real")
             domain_clf = load_classifier(self.paths.classifier(arch, "real"), self.store, self.settings)
             extractors = {"imagenet": imagenet_extractor(), "domain": classifier_extractor(domain_clf)}
             result = run_audit(self.synthetic, self.real, extractors=extractors, progress=self.progress,
@@ -345,12 +355,12 @@ class Experiment:
         return self._stage("audit", run)
 
     def explain(self) -> dict[str, Any]:
+        """LIME on real test images for every classifier: half right, half wrong where it can."""
         c = self.config
 
         def run() -> dict[str, Any]:
             from meddiffuse.classify import load_classifier
-            from meddiffuse.explain import classifier_predict_fn, deletion_curve, explain_with_classifier, mask_share
-            from meddiffuse.explain.overlay import overlay_png
+            from meddiffuse.tasks import explain_images
 
             test = self.test_set
             entries = test.manifest.select("test")
@@ -360,9 +370,9 @@ class Experiment:
             cards = []
             for arch in c.archs:
                 for train_data in c.train_data:
-                    prefix = self.paths.classifier(arch, train_data)
-                    clf = load_classifier(prefix, self.store, self.settings)
-                    pred = clf.predict(images)
+                    self._require(f"classifier-{arch}-{train_data}")
+                    clf = load_classifier(self.paths.classifier(arch, train_data), self.store, self.settings)
+                    pred = clf.optimize_for_inference().predict(images)
                     right = [i for i in range(len(pool)) if pred[i] == labels[i]]
                     wrong = [i for i in range(len(pool)) if pred[i] != labels[i]]
                     half = c.explain_per_model // 2
@@ -370,21 +380,21 @@ class Experiment:
                     chosen = right[: c.explain_per_model - len(chosen)] + chosen
                     if not chosen:
                         continue
-                    exps = explain_with_classifier(clf, images[chosen], num_samples=c.lime_samples,
-                                                   seed=c.seed, progress=self.progress)
-                    fn = classifier_predict_fn(clf)
-                    for i, exp in zip(chosen, exps, strict=True):
+                    masks = [test.load_mask(pool[i]) for i in chosen]
+                    results = explain_images(clf, images[chosen], num_samples=c.lime_samples, seed=c.seed,
+                                             masks=masks)
+                    for i, res in zip(chosen, results, strict=True):
                         key = f"{self.paths.root}/explanations/{arch}-{train_data}/{pool[i].key.rsplit('/', 1)[-1]}"
-                        self.store.put(key.replace(".png", ".overlay.png"), overlay_png(images[i], exp, scale=4))
-                        self.store.put_text(key.replace(".png", ".lime.json"), json.dumps(exp.to_json()))
-                        deletion = deletion_curve(fn, images[i], exp, seed=c.seed)
-                        mask = test.load_mask(pool[i])
+                        overlay = key.replace(".png", ".overlay.png")
+                        self.store.put(overlay, res.overlay_png)
+                        self.store.put_text(key.replace(".png", ".lime.json"),
+                                            res.model_dump_json(exclude={"overlay_png"}))
                         cards.append({
-                            "model": f"{arch} · {train_data}", "overlay": key.replace(".png", ".overlay.png"),
+                            "model": f"{arch} · {train_data}", "overlay": overlay,
                             "true": self.domain.classes[labels[i]], "pred": self.domain.classes[pred[i]],
-                            "correct": bool(pred[i] == labels[i]), "probability": float(exp.probability),
-                            "faithfulness": float(deletion.faithfulness),
-                            "mask_share": float(mask_share(exp, mask)) if mask is not None and mask.any() else None,
+                            "correct": bool(pred[i] == labels[i]),
+                            "probability": float(res.probabilities[res.explained]),
+                            "faithfulness": res.faithfulness, "mask_share": res.mask_share,
                         })
             return {"explanations": cards}
 
@@ -474,27 +484,34 @@ class Experiment:
 
     # -- the protocol ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Every stage not yet committed, in dependency order (each stage names what it needs)."""
         c = self.config
         self.ingest()
         needs_synthetic = any(t in ("synthetic", "mixed") for t in c.train_data)
+        # the judge of the synthetic filter and the audit's domain features: the first arch on real data
+        needs_judge = needs_synthetic and (c.filter_synthetic or c.audit)
+        if needs_judge:
+            self.train_one(c.archs[0], "real")
         if needs_synthetic:
-            self.train_generator()
-            self.synthesize()
-            self.sample_grids()
+            self.train_generator()  # needs: ingest
+            self.synthesize()  # needs: generator
+            self.sample_grids()  # needs: synthesize
             if c.filter_synthetic:
-                self.filter_synthetic()
+                self.filter_synthetic()  # needs: synthesize, classifier-<arch0>-real
         for arch in c.archs:
             for train_data in c.train_data:
-                self.train_one(arch, train_data)
+                self.train_one(arch, train_data)  # needs: ingest (+ synthesize / filter)
         if needs_synthetic and c.audit:
-            self.audit()
+            self.audit()  # needs: synthesize, classifier-<arch0>-real
         if c.explain_per_model > 0:
-            self.explain()
+            self.explain()  # needs: every classifier
+        if c.register_models and c.promote:
+            self.promote()  # needs: every classifier (registered)
         return self.write_report()
 
 
 def run_experiment(
-    config: ExperimentConfig, settings: Settings | None = None, progress: bool = True, log: Log = print
+    config: ExperimentConfig, settings: Settings | None = None, progress: bool = False, log: Log = logger.info
 ) -> dict[str, Any]:
     """Run (or resume) the study for one domain; returns the report path, results and markdown table."""
     return Experiment(config, settings, progress=progress, log=log).run()

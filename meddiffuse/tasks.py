@@ -556,16 +556,18 @@ class ImageExplanation(BaseModel):
     segments: list[list[int]] = Field(description="The superpixel map (H x W segment ids).")
     faithfulness: float = Field(description="Deletion faithfulness: drop of the explained class's probability "
                                             "when its top superpixels go, beyond random orders.")
+    mask_share: float | None = Field(None, description="Share of the positive LIME weight inside the lesion mask.")
     overlay_png: bytes = Field(repr=False)
 
 
 def explain_images(
     clf: Any, images: Sequence[np.ndarray] | np.ndarray, *, num_samples: int = 1000, seed: int = 0,
     labels: Sequence[int] | None = None, top_k: int = 5, overlay_scale: int = 4,
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> list[ImageExplanation]:
     """LIME for each image (of the predicted class, or of ``labels``), with an overlay PNG and the
     deletion-faithfulness score: the one explain loop of the CLI, the experiment, the explainer service."""
-    from meddiffuse.explain import classifier_predict_fn, deletion_curve, explain_with_classifier
+    from meddiffuse.explain import classifier_predict_fn, deletion_curve, explain_with_classifier, mask_share
     from meddiffuse.explain.overlay import overlay_png
 
     batch = np.stack(list(images)) if not isinstance(images, np.ndarray) else images
@@ -576,14 +578,17 @@ def explain_images(
     exps = explain_with_classifier(clf, batch, **kwargs)
     fn = classifier_predict_fn(clf)
     out = []
-    for image, p, exp in zip(batch, probs, exps, strict=True):
+    masks = list(masks) if masks is not None else [None] * len(batch)
+    for image, p, exp, mask in zip(batch, probs, exps, masks, strict=True):
         deletion = deletion_curve(fn, image, exp, seed=seed)
+        share = float(mask_share(exp, mask)) if mask is not None and np.asarray(mask).any() else None
         out.append(ImageExplanation(
             probabilities={c: float(v) for c, v in zip(clf.classes, p, strict=True)},
             predicted=clf.classes[int(p.argmax())], explained=clf.classes[exp.label],
             weights={i: float(v) for i, v in enumerate(exp.weights)},
             top_segments=[int(s) for s in exp.top(top_k)], segments=exp.segments.astype(int).tolist(),
-            faithfulness=float(deletion.faithfulness), overlay_png=overlay_png(image, exp, scale=overlay_scale),
+            faithfulness=float(deletion.faithfulness), mask_share=share,
+            overlay_png=overlay_png(image, exp, scale=overlay_scale),
         ))
     return out
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 
-import timm
-
 DEFAULT_ARCH = "efficientnet_lite0"
 
 ARCH_PRESETS: dict[str, list[str]] = {
@@ -54,6 +52,8 @@ class UnknownArchitectureError(ValueError):
 
 def list_architectures(pattern: str = "*") -> list[str]:
     """timm model names matching a glob pattern (every name ``create_classifier`` accepts)."""
+    import timm  # local: importing timm imports torch (seconds); the presets need neither
+
     return timm.list_models(pattern)
 
 
@@ -64,6 +64,8 @@ def base_architecture(arch: str) -> str:
 
 def check_architecture(arch: str) -> str:
     """Return ``arch`` if timm knows it, else raise UnknownArchitectureError with close matches."""
+    import timm
+
     if timm.is_model(base_architecture(arch)):
         return arch
     if arch in ARCH_PRESETS:

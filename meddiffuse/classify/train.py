@@ -121,7 +121,7 @@ def train_classifier(
     ema_decay: float | None = None,
     early_stopping_patience: int | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> TrainResult:
     """Train ``clf`` in place on ``train`` (a Dataset's train split, or ``[(dataset, split), ...]``).
@@ -141,7 +141,18 @@ def train_classifier(
         "input_size": clf.input_size,
     }
     started = time.perf_counter()
-    torch.manual_seed(seed)
+    # the caller's global RNG is left as it was: seeding happens inside a forked RNG state
+    devices = [clf.device.index or 0] if clf.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _train(clf, sources, domain, epochs, batch_size, lr, weight_decay, warmup_epochs, val_fraction,
+                      balanced, label_smoothing, augmentation_strength, ema_decay, early_stopping_patience, seed,
+                      progress, on_epoch, hyperparameters, started)
+
+
+def _train(clf, sources, domain, epochs, batch_size, lr, weight_decay, warmup_epochs, val_fraction, balanced,
+           label_smoothing, augmentation_strength, ema_decay, early_stopping_patience, seed, progress, on_epoch,
+           hyperparameters, started) -> TrainResult:
     train_parts, val_parts = split_train_val(sources, val_fraction, seed)
     resolution = max(ds.manifest.resolution for ds, _ in sources)
     augment = train_augmentation(domain, augmentation_strength)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -11,12 +11,10 @@ from rich.table import Table
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.config import DEFAULT_SEED, Settings
 from meddiffuse.data.dataset import DatasetNotFound, open_dataset
-from meddiffuse.quality.audit import run_audit
-from meddiffuse.quality.features import DOMAIN, IMAGENET, build_extractors
-from meddiffuse.quality.persist import save_audit
-from meddiffuse.quality.result import AuditResult
-from meddiffuse.quality.tracking import record_audit
 from meddiffuse.store import create_store
+
+if TYPE_CHECKING:
+    from meddiffuse.quality.result import AuditResult
 
 
 def _f(value: float | None, fmt: str = "{:.2f}") -> str:
@@ -79,6 +77,11 @@ def audit_cmd(
 ) -> None:
     """Audit a synthetic dataset: fidelity, diversity and copies of real training images."""
     from mlflow.exceptions import MlflowException  # local: keeps every other command's start-up fast
+
+    from meddiffuse.quality.audit import run_audit
+    from meddiffuse.quality.features import DOMAIN, IMAGENET, build_extractors
+    from meddiffuse.quality.persist import save_audit
+    from meddiffuse.quality.tracking import record_audit
 
     settings = Settings()
     store = create_store(settings)

@@ -4,35 +4,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.table import Table
 
-from meddiffuse.classify import (
-    ARCH_PRESETS,
-    DEFAULT_ARCH,
-    ClassifierNotFound,
-    EvalResult,
-    TrainResult,
-    UnknownArchitectureError,
-    WeightsError,
-    create_classifier,
-    evaluate,
-    load_classifier,
-    save_classifier,
-    train_classifier,
-)
-from meddiffuse.classify.weights import bundled_weights_path
+from meddiffuse.classify.architectures import ARCH_PRESETS, DEFAULT_ARCH, UnknownArchitectureError
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.config import Settings
 from meddiffuse.data.dataset import Dataset, DatasetNotFound, open_dataset
 from meddiffuse.domains import Domain
 from meddiffuse.store import create_store
 
+if TYPE_CHECKING:
+    from meddiffuse.classify import EvalResult, TrainResult
+
 TrainOn = Literal["auto", "real", "synthetic", "mixed"]
-_USER_ERRORS = (DatasetNotFound, ClassifierNotFound, WeightsError, UnknownArchitectureError, ValueError,
-                FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix from the message alone (imported late: torch loads slowly)."""
+    from meddiffuse.classify import ClassifierNotFound, WeightsError
+
+    return (DatasetNotFound, ClassifierNotFound, WeightsError, UnknownArchitectureError, ValueError,
+            FileNotFoundError)
 
 
 def dataset_domain(dataset: Dataset) -> Domain:
@@ -112,6 +107,8 @@ def train_classifier_cmd(
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
 ) -> None:
     """Train a classifier on real, synthetic or mixed data; save it; evaluate on the real test split."""
+    from meddiffuse.classify import create_classifier, evaluate, save_classifier, train_classifier
+
     settings = Settings()
     store = create_store(settings)
     try:
@@ -138,7 +135,7 @@ def train_classifier_cmd(
         prefix = out or f"models/{domain.name}/{clf.arch}-{origin}-s{seed}"
         save_classifier(clf, store, prefix, info=info)
         console.print(f"saved classifier to [bold]{prefix}[/] in {store.uri}")
-    except _USER_ERRORS as exc:
+    except _user_errors() as exc:
         fail(str(exc))
 
 
@@ -166,6 +163,8 @@ def evaluate_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this file")] = None,
 ) -> None:
     """Evaluate a saved classifier on a dataset split: metrics with 95% CIs, per class, confusion matrix."""
+    from meddiffuse.classify import evaluate, load_classifier
+
     settings = Settings()
     store = create_store(settings)
     if split not in ("train", "test", "all"):
@@ -174,7 +173,7 @@ def evaluate_cmd(
         clf = load_classifier(model, store, settings)
         result = evaluate(clf, open_dataset(store, dataset), None if split == "all" else split,
                           bootstrap=bootstrap, seed=seed)
-    except _USER_ERRORS as exc:
+    except _user_errors() as exc:
         fail(str(exc))
     for table in eval_tables(result, f"{clf.arch} ({model}) on {dataset} [{split}]"):
         console.print(table)
@@ -186,6 +185,8 @@ def evaluate_cmd(
 @app.command("architectures")
 def architectures_cmd() -> None:
     """List the architecture presets and which architectures have offline pretrained weights."""
+    from meddiffuse.classify.weights import bundled_weights_path
+
     table = Table(title="architecture presets (any timm model name also works)")
     table.add_column("preset")
     table.add_column("architectures")

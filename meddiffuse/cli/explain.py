@@ -9,34 +9,26 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from PIL import Image, UnidentifiedImageError
 from rich.table import Table
 
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.cli.progress import progress_bar
 from meddiffuse.config import Settings
-from meddiffuse.explain import (
-    ImageInputError,
-    SegmentationConfig,
-    classifier_predict_fn,
-    deletion_curve,
-    explain_image,
-    overlay_png,
-)
 
 
-def read_image(path: Path, channels: int) -> np.ndarray:
-    """HxWxC uint8 in the classifier's channel count, or a clear error naming the file."""
+def read_image(path: Path, clf) -> np.ndarray:
+    """The file as the classifier's training images were made (decoded, channels, centre crop, resolution),
+    or a clear error naming the file."""
+    from meddiffuse.data.ingest import ImageRejected
+    from meddiffuse.tasks import decode_upload
+
     if not path.is_file():
         fail(f"image {path} does not exist (or is not a file)")
     try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        fail(f"cannot read {path} as an image ({type(exc).__name__}: {exc})")
+        return decode_upload(clf, path.read_bytes())
+    except ImageRejected as exc:
+        fail(f"cannot read {path} as an image: {exc}")
         raise  # unreachable: fail exits
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 @app.command("explain")
@@ -60,6 +52,14 @@ def explain_cmd(
 ) -> None:
     """Explain a classifier's predictions with LIME: <stem>.overlay.png and <stem>.lime.json per image."""
     from meddiffuse.classify import ClassifierNotFound, load_classifier  # local: torch/timm load slowly
+    from meddiffuse.explain import (
+        ImageInputError,
+        SegmentationConfig,
+        classifier_predict_fn,
+        deletion_curve,
+        explain_image,
+        overlay_png,
+    )
     from meddiffuse.store import StoreError, create_store
 
     settings = Settings()
@@ -70,7 +70,7 @@ def explain_cmd(
         clf = load_classifier(model, create_store(settings), settings)
     except (ClassifierNotFound, StoreError) as exc:
         fail(f"cannot load classifier {model!r}: {exc}")
-    arrays = [read_image(p, clf.channels) for p in images]  # all read before any work starts
+    arrays = [read_image(p, clf) for p in images]  # all read before any work starts
     out.mkdir(parents=True, exist_ok=True)
     predict_fn = classifier_predict_fn(clf)
     config = SegmentationConfig(n_segments=segments)

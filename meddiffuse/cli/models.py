@@ -11,16 +11,16 @@ from rich.table import Table
 
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.config import Settings
-from meddiffuse.store.registry import (
+from meddiffuse.registry import (
     CHAMPION,
+    UNSET,
+    AliasMoved,
     ModelNotFound,
     RegistryError,
     VersionSummary,
     describe_version,
-    download_model,
     list_model_names,
     list_versions,
-    load_classifier_model,
     promote,
 )
 
@@ -74,6 +74,9 @@ def promote_command(
     name: Annotated[str, typer.Argument(help="Registered model, e.g. meddiffuse-classifier-brain-mri.")],
     version: Annotated[int, typer.Argument(help="The version to point the alias at.", min=1)],
     alias: Annotated[str, typer.Option("--alias", "-a", help="champion (served) or challenger.")] = CHAMPION,
+    expect: Annotated[
+        int | None, typer.Option("--expect", help="Refuse unless the alias is at this version now (compare-and-set).")
+    ] = None,
 ) -> None:
     """Move an alias (default: champion, what the services serve) to a version.
 
@@ -81,8 +84,9 @@ def promote_command(
     promote it again to roll back.
     """
     try:
-        result = promote(name, version, alias=alias, settings=Settings())
-    except (RegistryError, ValueError) as exc:
+        result = promote(name, version, alias=alias, settings=Settings(),
+                         expected_current=expect if expect is not None else UNSET)
+    except (AliasMoved, RegistryError, ValueError) as exc:
         fail(str(exc))
     if result.previous is None:
         console.print(f"{name}: [bold]{alias}[/] -> version {result.version}")
@@ -101,25 +105,29 @@ def load_command(
         str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or models:/... (a bare NAME means NAME@champion).")
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write the MLflow model folder here (must be new or empty).")
+        Path | None, typer.Option("--out", "-o", help="Copy the classifier's files here (must be new or empty).")
     ] = None,
 ) -> None:
-    """Load a registered classifier (checking that it loads) and print its metadata; --out saves it."""
+    """Load a registered classifier (checking that it loads) and print its metadata; --out saves its files."""
     settings = Settings()
     try:
         summary = describe_version(ref, settings)
-        if out is not None:
-            path, metadata = download_model(summary.uri, out, settings)
-            import mlflow.pytorch  # local: loading torch/mlflow only when asked to
+        from meddiffuse.classify import save_classifier  # local: torch only when a model is loaded
+        from meddiffuse.classify.registry import load_registered_classifier
+        from meddiffuse.store import LocalStore
 
-            mlflow.pytorch.load_model(str(path))  # the copy on disk must load, not just exist
-        else:
-            _, metadata = load_classifier_model(summary.uri, settings)
-    except (RegistryError, ModelNotFound, ValueError, FileExistsError) as exc:
+        clf = load_registered_classifier(summary.uri, settings)
+        if out is not None:
+            if out.exists() and any(out.iterdir()):
+                fail(f"{out} is not empty; choose a new folder for the model")
+            save_classifier(clf, LocalStore(out.parent), out.name)
+    except (RegistryError, ModelNotFound, ValueError) as exc:
         fail(str(exc))
+    metadata = clf.metadata() | {"name": summary.name, "version": summary.version, "uri": summary.uri,
+                                 "aliases": summary.aliases, "tags": summary.tags}
     console.print_json(json.dumps(metadata, sort_keys=True))
     if out is not None:
-        console.print(f"saved {summary.uri} to {out} (load with mlflow.pytorch.load_model)")
+        console.print(f"saved {summary.uri} to {out} (load with meddiffuse.classify.load_classifier)")
 
 
 def _version_json(v: VersionSummary) -> dict[str, object]:

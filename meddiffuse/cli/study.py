@@ -23,8 +23,10 @@ def experiment_cmd(
     preset: Annotated[str | None, typer.Option(help="Architecture preset, e.g. study8, cpu-pair")] = None,
     synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | gpu-base")] = None,
-    generator_minutes: Annotated[float | None, typer.Option(help="Generator wall-clock budget")] = None,
-    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (first of steps/minutes)")] = None,
+    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 700): the same "
+                                                             "result on any machine")] = None,
+    generator_minutes: Annotated[float | None, typer.Option(help="Optional wall-clock cap on the generator "
+                                                                 "(a busy machine then trains fewer steps)")] = None,
     resolution: Annotated[int | None, typer.Option(help="Dataset/generator resolution")] = None,
     epochs: Annotated[int | None, typer.Option(help="Classifier epochs")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale")] = None,
@@ -32,6 +34,7 @@ def experiment_cmd(
     weights: Annotated[str | None, typer.Option(help="auto | none | local weights file")] = None,
     name: Annotated[str | None, typer.Option(help="Experiment name (default: domain)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Run (or resume) the study: ingest → generator → synthetic set → classifiers → audit → LIME → report."""
     from meddiffuse.classify.architectures import resolve_architectures
@@ -55,7 +58,8 @@ def experiment_cmd(
             overrides["archs"] = archs
         config = settings.experiment.model_copy(update=overrides)
         config = ExperimentConfig.model_validate(config.model_dump())
-        out = run_experiment(config, settings, log=lambda m: console.print(m, highlight=False))
+        out = run_experiment(config, settings, progress=not no_progress,
+                             log=lambda m: console.print(m, highlight=False))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         fail(str(exc))
     console.print(results_table(out["results"], title=f"{config.domain}: results on unseen real test images"))

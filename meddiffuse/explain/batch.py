@@ -47,7 +47,7 @@ def explain_batch(
     batch_size: int | None = None,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
-    progress: ProgressArg = True,
+    progress: ProgressArg = False,
 ) -> list[Explanation]:
     """:func:`explain_image` for each image, one batch-size measurement for all of them.
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from meddiffuse.config import Settings
+from meddiffuse.config import SamplingRecipe, Settings
 from meddiffuse.generate.artifact import load_generator, write_generator_folder
 from meddiffuse.generate.errors import InvalidGeneratorRequest
 from meddiffuse.generate.metadata import GENERATOR_JSON, GeneratorMeta
@@ -22,7 +22,7 @@ from meddiffuse.generate.pipeline import DiffusionGenerator
 from meddiffuse.store.base import ObjectStore
 
 if TYPE_CHECKING:
-    from meddiffuse.store.registry import ModelVersionInfo
+    from meddiffuse.registry import ModelVersionInfo
 
 try:  # mlflow is a dependency, but keep the library importable where it is absent
     import mlflow
@@ -33,8 +33,10 @@ except ImportError:  # pragma: no cover
 
 ARTIFACT_KEY = "generator"
 EXPERIMENT = "meddiffuse-generator"
+_SAMPLING = SamplingRecipe()
 REQUEST_DEFAULTS: dict[str, Any] = {
-    "n": 1, "seed": 0, "steps": 20, "guidance": 2.0, "sampler": "dpmsolver++", "batch_size": 64,
+    "n": 1, "seed": _SAMPLING.seed, "steps": _SAMPLING.sampling_steps, "guidance": _SAMPLING.guidance,
+    "sampler": _SAMPLING.sampler, "batch_size": 64,
 }
 
 
@@ -120,8 +122,9 @@ def log_generator_model(
     The version (of ``meddiffuse-generator-<domain>`` by default) is tagged with domain, classes,
     resolution, dataset id and steps trained, plus ``tags``; ``alias`` (e.g. ``champion``) is optional.
     """
-    from meddiffuse.store.registry import generator_model_name, pinned_requirements, register_logged_model
-    from meddiffuse.store.tracking import configure_mlflow, tracked_run
+    from meddiffuse.registry import configure_mlflow, generator_model_name, register_logged_model
+    from meddiffuse.registry.versions import pinned_requirements
+    from meddiffuse.store.tracking import tracked_run
 
     settings = settings or Settings()
     configure_mlflow(settings)

@@ -99,7 +99,7 @@ def train_generator(
     checkpoint_every: int = 500,
     seed: int = 0,
     settings: Settings | None = None,
-    progress: bool = True,
+    progress: bool = False,
     overwrite: bool = False,
     track: bool = True,
     log_every: int = 10,

@@ -208,7 +208,7 @@ def run_audit(
     extractors: dict[str, FeatureExtractor] | None = None,
     gate_flagged_share: float = 0.01,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
     percentile: float = 1.0,
     k: int = 5,
     memorization_space: str | None = None,

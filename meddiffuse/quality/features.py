@@ -108,7 +108,7 @@ def local_weights_extractor(weights: str | Path, arch: str) -> FeatureExtractor:
 
 
 def domain_extractor(
-    real: Dataset, *, epochs: int = 5, seed: int = 0, arch: str | None = None, progress: bool = True
+    real: Dataset, *, epochs: int = 5, seed: int = 0, arch: str | None = None, progress: bool = False
 ) -> FeatureExtractor:
     """Features of a classifier trained now on ``real``'s training split (what separates its classes)."""
     from meddiffuse.classify.architectures import DEFAULT_ARCH
@@ -143,7 +143,7 @@ def build_extractors(
     weights: str | Path | None = None,
     arch: str = "efficientnet_lite0",
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
     settings: Settings | None = None,
 ) -> dict[str, FeatureExtractor]:
     """Feature extractors by name.
@@ -173,7 +173,7 @@ def build_extractors(
 
 
 def default_extractors(
-    real: Dataset, *, seed: int = 0, progress: bool = True, settings: Settings | None = None
+    real: Dataset, *, seed: int = 0, progress: bool = False, settings: Settings | None = None
 ) -> dict[str, FeatureExtractor]:
     """ImageNet features plus domain features from a classifier trained on ``real``'s train split now."""
     return build_extractors((IMAGENET, DOMAIN), real, seed=seed, progress=progress, settings=settings)

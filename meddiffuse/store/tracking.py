@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
 from meddiffuse.config import Settings
-
-
-def configure_mlflow(settings: Settings | None = None) -> str:
-    """Point MLflow at the configured tracking/registry URIs; returns the tracking URI."""
-    import mlflow
-
-    settings = settings or Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    uri = settings.resolved_tracking_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(settings.registry_uri or uri)
-    # MLflow's optional telemetry and model-size logging try the network; this is an offline tool
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    return uri
+from meddiffuse.registry.client import configure_mlflow
 
 
 def ensure_experiment(name: str, settings: Settings | None = None) -> str:
