@@ -454,6 +454,19 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def cli_startup_section(d: dict[str, Any] | None) -> list[str]:
+    if not d:
+        return _not_run("python bench/cli_startup.py --before <checkout>")
+    med = d["median_seconds"]
+    return ["### Registry command start-up (`bench/cli_startup.py`)", "",
+            *_table(["code", "commit", "median s", "runs (s)"], [
+                [k, d[f"{k}_commit"], _num(med[k], 2), ", ".join(_num(x, 2) for x in d["seconds"][k])]
+                for k in ("before", "after")
+            ]), "", f"{d['command']}: {_ratio(d['speedup'])} faster (median of {d['repeats']} alternating runs). "
+            "The registry package no longer imports torch; the CLI imports science modules only inside the "
+            "commands that use them.", "", machine_line(d), ""]
+
+
 def summary_section(results: dict[str, dict]) -> list[str]:
     rows = study_targets(results)
     for name in sorted(results):
@@ -482,6 +495,8 @@ def render_section(results: dict[str, dict]) -> str:
     lines += explain_section(results.get("explain"))
     lines += train_speed_section(results.get("train-speed"))
     lines += cuda_section(results.get("cuda-check"))
+    if "cli-startup" in results:
+        lines += cli_startup_section(results["cli-startup"])
     lines += runner_section(results)
     while lines and lines[-1] == "":
         lines.pop()

@@ -128,11 +128,6 @@ def list_domains() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def register_domain(domain: Domain) -> Domain:
-    _REGISTRY[domain.name] = domain
-    return domain
-
-
 def get_domain(name: str) -> Domain:
     try:
         return _REGISTRY[name]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from meddiffuse.config import ExperimentConfig, Settings
-from meddiffuse.data.dataset import Dataset, open_dataset
+from meddiffuse.data.dataset import TRAIN_DATA_ORIGINS, Dataset, open_dataset
 from meddiffuse.data.ingest import ingest_folder
 from meddiffuse.data.phantoms import write_phantom_folder
 from meddiffuse.domains import Domain, get_domain
@@ -95,9 +95,9 @@ class Experiment:
             raise FileNotFoundError(f"--data {c.data} is not a folder")
         if c.test_data is not None and not Path(c.test_data).is_dir():
             raise FileNotFoundError(f"--test-data {c.test_data} is not a folder")
-        unknown = set(c.train_data) - {"real", "synthetic", "mixed"}
+        unknown = set(c.train_data) - set(TRAIN_DATA_ORIGINS)
         if unknown:
-            raise ValueError(f"unknown train data {sorted(unknown)}; use real, synthetic, mixed")
+            raise ValueError(f"unknown train data {sorted(unknown)}; use {', '.join(TRAIN_DATA_ORIGINS)}")
         from meddiffuse.classify.architectures import check_architecture
 
         for arch in c.archs:
@@ -429,7 +429,8 @@ class Experiment:
         if syn_stage:
             datasets["synthetic"] = {"prefix": self.paths.synthetic, "id": syn_stage["synthetic"],
                                      "summary": f"{syn_stage['n']} images, {syn_stage['per_class']} per class, "
-                                                f"{c.sampler} {c.sampling_steps} steps, guidance {c.guidance}"}
+                                                f"{c.sampler} {c.sampling_steps} steps, guidance {c.guidance}, "
+                                                f"from {syn_stage.get('generator', self.paths.generator)}"}
         gen = self.done("generator")
         audit_stage = self.done("audit")
         audit_html = ""
@@ -453,7 +454,9 @@ class Experiment:
             "config": c.model_dump(mode="json"), "datasets": datasets, "results": results,
             "generator": {"summary": f"{gen['preset']} preset, {gen['parameters'] / 1e6:.1f}M parameters, "
                                      f"{gen['steps']} steps ({gen['seconds']:.0f} s), final loss "
-                                     f"{(gen.get('final_loss') or float('nan')):.4f}", **gen} if gen else None,
+                                     f"{(gen.get('final_loss') or float('nan')):.4f}"
+                                     + (f", registered as {gen['uri'].removeprefix('models:/')} (@{gen['alias']})"
+                                        if gen.get("uri") else ""), **gen} if gen else None,
             "audit": audit_stage, "audit_html": audit_html, "grids": grids, "explanations": expl, "notes": notes,
         }
         html_text = render_html(report, images)

@@ -55,8 +55,9 @@ def tstr_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def markdown_table(results: list[dict[str, Any]], domain: str | None = None) -> str:
     head = ("| " + ("domain | " if domain else "")
-            + "architecture | train data | accuracy (95% CI) | balanced acc. | macro-F1 | AUC | pretrained |")
-    sep = "|" + "---|" * (7 if domain else 6)
+            + "architecture | train data | accuracy (95% CI) | balanced acc. | macro-F1 | AUC | pretrained "
+            + "| registered |")
+    sep = "|" + "---|" * (8 if domain else 7)
     lines = [head, sep]
     for r in sorted_results(results):
         cells = [domain] if domain else []
@@ -68,9 +69,15 @@ def markdown_table(results: list[dict[str, Any]], domain: str | None = None) -> 
             _fmt(r.get("macro_f1")),
             _fmt(r.get("auc")),
             "yes" if r.get("pretrained") else "no",
+            _pinned(r.get("model_uri")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pinned(uri: str | None) -> str:
+    """``name/version`` of a pinned ``models:/name/version`` URI ('' when not registered)."""
+    return uri.removeprefix("models:/") if uri else ""
 
 
 def png_tag(data: bytes, alt: str, width: int | None = None) -> str:
@@ -136,13 +143,14 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     # results table
     parts.append("<h2>Results on unseen real test images</h2><table><tr><th>architecture</th><th>train data</th>"
                  "<th>n train</th>" + "".join(f"<th>{label}</th>" for _, label in METRIC_COLUMNS)
-                 + "<th>accuracy 95% CI</th><th>pretrained</th></tr>")
+                 + "<th>accuracy 95% CI</th><th>pretrained</th><th>registered version</th></tr>")
     for row in sorted_results(r.get("results", [])):
         parts.append(
             f"<tr><td>{html.escape(row['arch'])}</td><td>{html.escape(row['train_data'])}</td>"
             f"<td>{row.get('n_train', '')}</td>"
             + "".join(f"<td>{_fmt(row.get(k))}</td>" for k, _ in METRIC_COLUMNS)
-            + f"<td>{_ci(row)}</td><td>{html.escape(str(row.get('pretrained') or 'no'))}</td></tr>"
+            + f"<td>{_ci(row)}</td><td>{html.escape(str(row.get('pretrained') or 'no'))}</td>"
+            + f"<td>{html.escape(_pinned(row.get('model_uri')))}</td></tr>"
         )
     parts.append("</table>")
     # per-class tables and confusion matrices

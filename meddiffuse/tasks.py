@@ -537,9 +537,23 @@ def decode_upload(clf: Any, data: bytes, max_pixels: int | None = None) -> np.nd
     from meddiffuse.data.ingest import load_image_file
 
     max_pixels = max_pixels or Settings().ingest.max_pixels
-    resolution = clf.resolution or clf.input_size or 64
+    resolution = clf.resolution
+    if resolution is None:  # saved before the input contract recorded it: keep the image's own scale
+        resolution = _square_side(data)
     image, _notes = load_image_file(data, clf.channels, resolution, max_pixels)
     return image if image.ndim == 3 else image[..., None]
+
+
+def _square_side(data: bytes) -> int:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # the header only; load_image_file judges the rest
+            return max(8, min(im.size))
+    except Exception:  # noqa: BLE001 - unreadable: let load_image_file give the reason
+        return 64
 
 
 def predict_images(clf: Any, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

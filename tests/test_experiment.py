@@ -81,9 +81,19 @@ def test_experiment_runs_resumes_and_reports(settings):
     md = (settings.home / "reports" / "toy" / "results.md").read_text()
     assert md.count("| resnet18 |") == 3
 
-    from meddiffuse.store.registry import classifier_model_name, list_versions
+    from meddiffuse.registry import classifier_model_name, generator_model_name, list_versions, resolve
 
-    assert len(list_versions(classifier_model_name("covid-ct"), settings)) == 3
+    versions = list_versions(classifier_model_name("covid-ct"), settings)
+    assert len(versions) == 3
+    # the experiment registered its generator and sampled from that pinned version, never an alias
+    generator = resolve(generator_model_name("covid-ct") + "@champion", settings)
+    assert {e.origin.generator for e in synthetic.manifest.entries} == {generator.uri}
+    # champion moved by promote_if_better, with the evidence on every version offered
+    decisions = exp.done("promote")["decisions"]
+    assert len(decisions) == 3 and decisions[0]["promoted"]  # the first takes the empty alias
+    champion = resolve(classifier_model_name("covid-ct") + "@champion", settings).version
+    assert champion in {v.version for v in versions}
+    assert all("promotion.decision" in v.tags for v in versions)
 
     # resuming under a config that contradicts the finished stages is refused, naming what changed
     with pytest.raises(ExperimentConfigMismatch, match=r"guidance: 2\.0 -> 4\.0"):
@@ -122,3 +132,20 @@ def test_filtered_synthetic_set_keeps_exactly_what_the_real_trained_judge_accept
     assert exp.done("filter")["rejection_rate"] == 1.0 - accepted.mean()
     assert exp.synthetic.manifest.meta["filtered_by"] == "resnet18-real"
     assert exp.done("classifier-resnet18-synthetic")["n_train"] == len(kept)
+
+
+def test_cpu_pair_experiment_registers_pretrained_and_scratch_classifiers(settings):
+    """The preset whose registration used to fail: a from-scratch classifier has no fixed input size."""
+    from meddiffuse.classify import load_classifier
+    from meddiffuse.classify.architectures import resolve_architectures
+    from meddiffuse.registry import classifier_model_name, list_versions
+
+    cfg = toy_config(name="toy-pair", archs=resolve_architectures("cpu-pair"), weights="auto", input_size=None,
+                     train_data=["real"], audit=False, explain_per_model=0)
+    out = Experiment(cfg, settings, progress=False, log=lambda m: None).run()
+    rows = {r["arch"]: r for r in out["results"]}
+    assert rows["efficientnet_lite0"]["pretrained"] and rows["resnet18"]["pretrained"] is None
+    versions = {v.tags["architecture"]: v for v in list_versions(classifier_model_name("covid-ct"), settings)}
+    assert set(versions) == {"efficientnet_lite0", "resnet18"}
+    scratch = load_classifier(rows["resnet18"]["model_uri"], settings=settings)
+    assert scratch.input_size is None and scratch.resolution == 32

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -68,10 +67,6 @@ class ObjectStore(ABC):
         for key in keys:
             self.delete(key)
         return len(keys)
-
-    def iter_prefix(self, prefix: str) -> Iterator[tuple[str, bytes]]:
-        for key in self.list(prefix):
-            yield key, self.get(key)
 
     def put_folder(self, local_dir: Path, prefix: str) -> dict[str, str]:
         """Upload every file under ``local_dir`` to ``<prefix>/<relative path>``; returns {relative path: sha256}.
