@@ -17,18 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import real_data, write_result  # noqa: E402
 from meddiffuse.classify import create_classifier, evaluate, train_classifier  # noqa: E402
-from meddiffuse.classify.metrics import compute_metrics  # noqa: E402
 from meddiffuse.config import Settings  # noqa: E402
 from meddiffuse.data.ingest import ingest_folder  # noqa: E402
 from meddiffuse.data.phantoms import write_phantom_folder  # noqa: E402
 from meddiffuse.domains import get_domain  # noqa: E402
 from meddiffuse.generate import create_generator_config, load_generator, train_generator  # noqa: E402
+from meddiffuse.quality.class_fidelity import class_fidelity  # noqa: E402
 from meddiffuse.store import LocalStore  # noqa: E402
 
 
@@ -77,13 +75,10 @@ def main() -> None:
                               classes=domain.classes, input_size=96, seed=a.seed)
     train_classifier(judge, real, domain=domain, epochs=a.epochs, seed=a.seed)
     real_test = evaluate(judge, real, "test", bootstrap=200, seed=a.seed)
-    probs = judge.predict_proba(images)
-    fidelity = compute_metrics(np.array(labels), probs, domain.classes, bootstrap=1000, seed=a.seed)
+    fidelity = class_fidelity(judge, images, labels, bootstrap=1000, seed=a.seed)
     out = write_result(f"class-fidelity-{a.domain}", {
         "domain": a.domain,
-        "class_fidelity": fidelity.accuracy,
-        "class_fidelity_ci95": list(fidelity.accuracy_ci95) if fidelity.accuracy_ci95 else None,
-        "per_class_fidelity": {c.name: c.recall for c in fidelity.per_class},
+        **fidelity.model_dump(mode="json", exclude={"n"}),
         "judge_accuracy_on_real_test": real_test.accuracy,
         "real_train_images": n_train,
         "generator": {"preset": "cpu-small", "parameters": info.parameters, "steps": info.steps_trained,
@@ -94,7 +89,7 @@ def main() -> None:
                      "images_per_second": len(labels) / sample_s},
         "resolution": a.resolution, "seed": a.seed,
     })
-    print(f"class fidelity {fidelity.accuracy:.3f} (judge on real test {real_test.accuracy:.3f}) -> {out}")
+    print(f"class fidelity {fidelity.class_fidelity:.3f} (judge on real test {real_test.accuracy:.3f}) -> {out}")
 
 
 if __name__ == "__main__":

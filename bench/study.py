@@ -89,23 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"-> {path}")
     # class fidelity from the same run: the real-trained classifier judges each generated image's class
     from meddiffuse.classify import load_classifier
-    from meddiffuse.classify.metrics import compute_metrics
+    from meddiffuse.quality.class_fidelity import class_fidelity
 
     judge = load_classifier(exp.paths.classifier(a.archs[0], "real"), exp.store, settings)
     images, labels = exp.synthetic.load_arrays()
-    fid = compute_metrics(labels, judge.predict_proba(images), exp.domain.classes, bootstrap=1000, seed=a.seed)
+    fid = class_fidelity(judge, images, labels, bootstrap=1000, seed=a.seed)
     trtr = next(r for r in results if r["arch"] == a.archs[0] and r["train_data"] == "real")
     fpath = write_result(f"class-fidelity-{a.domain}", {
-        "domain": a.domain, "class_fidelity": fid.accuracy,
-        "class_fidelity_ci95": list(fid.accuracy_ci95) if fid.accuracy_ci95 else None,
-        "per_class_fidelity": {c.name: c.recall for c in fid.per_class},
+        "domain": a.domain, **fid.model_dump(mode="json", exclude={"n"}),
         "judge": f"{a.archs[0]} trained on the real 20%", "judge_accuracy_on_real_test": trtr["accuracy"],
         "generator": {k: gen.get(k) for k in ("preset", "parameters", "steps", "seconds")}
         | {"minutes": None if a.steps else minutes, "step_budget": a.steps},
         "sampling": {"sampler": "dpmsolver++", "steps": 20, "guidance": a.guidance, "per_class": per_class},
         "resolution": 32, "seed": a.seed, "source": "bench/study.py",
     })
-    print(f"class fidelity {fid.accuracy:.3f} -> {fpath}")
+    print(f"class fidelity {fid.class_fidelity:.3f} -> {fpath}")
 
 
 if __name__ == "__main__":
