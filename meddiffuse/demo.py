@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         console.rule(f"[bold]{domain}")
         try:
             out = run_experiment(demo_config(domain, args.steps, args.minutes, args.quick), settings, progress=True,
-                                 log=lambda m: console.print(m, highlight=False))
+                                 log=lambda m: console.print(m, highlight=False, markup=False))
         except ExperimentConfigMismatch as exc:
             console.print(f"[red]{exc}[/]\nDelete {settings.home} (or set MEDDIFFUSE_HOME) to start the demo afresh.")
             return 2

@@ -33,7 +33,7 @@ from meddiffuse.registry import (
     register_logged_model,
     resolve,
 )
-from meddiffuse.registry.client import registry_errors
+from meddiffuse.registry.client import quiet_mlflow, registry_errors
 from meddiffuse.registry.versions import check_metrics, dataset_tags, metric_tags, pinned_requirements
 from meddiffuse.store.local import LocalStore
 
@@ -46,9 +46,6 @@ try:  # mlflow is a dependency; keep this module importable for the type if it i
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc,assignment]
-
-# predict takes arrays, not typed rows: MLflow's type-hint validation does not apply (it warns at class creation)
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class ClassifierPyfunc(PythonModel):
@@ -127,7 +124,10 @@ def register_classifier(
             save_classifier(clf, LocalStore(tmp), ARTIFACT_KEY)
             mlflow.log_metrics(check_metrics(metrics))
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.")})
-            with registry_errors(f"cannot log classifier {name}"):
+            with registry_errors(f"cannot log classifier {name}"), warnings.catch_warnings(), quiet_mlflow():
+                # predict takes arrays, not typed rows: MLflow's type-hint validation does not apply
+                warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")
                 logged = mlflow.pyfunc.log_model(
                     name=ARTIFACT_KEY,
                     python_model=ClassifierPyfunc(),

@@ -59,7 +59,7 @@ def experiment_cmd(
         config = settings.experiment.model_copy(update=overrides)
         config = ExperimentConfig.model_validate(config.model_dump())
         out = run_experiment(config, settings, progress=not no_progress,
-                             log=lambda m: console.print(m, highlight=False))
+                             log=lambda m: console.print(m, highlight=False, markup=False))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         fail(str(exc))
     console.print(results_table(out["results"], title=f"{config.domain}: results on unseen real test images"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,7 @@ def log_generator_model(
     resolution, dataset id and steps trained, plus ``tags``; ``alias`` (e.g. ``champion``) is optional.
     """
     from meddiffuse.registry import configure_mlflow, generator_model_name, register_logged_model
+    from meddiffuse.registry.client import quiet_mlflow
     from meddiffuse.registry.versions import pinned_requirements
     from meddiffuse.store.tracking import tracked_run
 
@@ -146,7 +148,9 @@ def log_generator_model(
         }
         run = (tracked_run(EXPERIMENT, f"register-{name}", settings, tags={"kind": "generator-registration"})
                if mlflow.active_run() is None else contextlib.nullcontext())
-        with run:
+        with run, warnings.catch_warnings(), quiet_mlflow():
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
             logged = mlflow.pyfunc.log_model(
                 name=ARTIFACT_KEY,
                 python_model=GeneratorPyfunc(),

@@ -98,3 +98,16 @@ def _unreachable(exc: Exception) -> bool:
     text = str(exc)
     return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError",
                                    "Failed to establish", "Read timed out", "database is locked"))
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's INFO/WARNING chatter while logging and registering ("Created version ...", the cloudpickle
+    notice) off; our own log line says what was registered."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meddiffuse.config import Settings
-from meddiffuse.registry.client import AliasMoved, RegistryError, registry_client, registry_errors
+from meddiffuse.registry.client import AliasMoved, RegistryError, quiet_mlflow, registry_client, registry_errors
 from meddiffuse.registry.refs import CHAMPION, NAME_RE, PinnedVersion, check_name_part, parse_model_ref
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def register_logged_model(
     check_name_part(name, "registered model name")
     registry_client(settings)  # configures mlflow's globals for this registry
     str_tags = {k: str(v) for k, v in (tags or {}).items()}
-    with registry_errors(f"cannot register {model_uri} as {name}"):
+    with registry_errors(f"cannot register {model_uri} as {name}"), quiet_mlflow():
         mv = mlflow.register_model(model_uri, name, tags=str_tags)
     info = ModelVersionInfo(name, int(mv.version), mv.run_id, f"models:/{name}/{mv.version}")
     if alias:
