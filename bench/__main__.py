@@ -72,6 +72,8 @@ BENCHMARKS: list[Benchmark] = [
               {"small": 4, "full": 20}, optional=True, flags_required=("--images", "--repeats")),
     Benchmark("train-speed", "train_speed.py", {"small": ["--scale", "small"], "full": ["--scale", "full"]},
               {"small": 8, "full": 20}),
+    # the explainer over HTTP (bentoml serve) against the same work in-process: 1000 /predict, 200 /explain
+    Benchmark("serve", "serve.py", {"small": [], "full": []}, {"small": 6, "full": 6}),
     # the levers behind the study's TSTR (set size, guidance, judge filtering): ~25 min, so not in `make bench`
     Benchmark("levers-brain-mri", "levers.py",
               {"small": ["--domain", "brain-mri", "--steps", "700"],

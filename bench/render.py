@@ -454,6 +454,18 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def serve_section(d: dict[str, Any] | None) -> list[str]:
+    """The services bench: its own table function, so the printed and the README tables are one."""
+    if not d:
+        return []
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).with_name("serve.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ["### Services: HTTP against in-process (`bench/serve.py`)", "", module.markdown_table(d), ""]
+
+
 def cli_startup_section(d: dict[str, Any] | None) -> list[str]:
     if not d:
         return _not_run("python bench/cli_startup.py --before <checkout>")
@@ -495,6 +507,7 @@ def render_section(results: dict[str, dict]) -> str:
     lines += explain_section(results.get("explain"))
     lines += train_speed_section(results.get("train-speed"))
     lines += cuda_section(results.get("cuda-check"))
+    lines += serve_section(results.get("serve"))
     if "cli-startup" in results:
         lines += cli_startup_section(results["cli-startup"])
     lines += runner_section(results)
