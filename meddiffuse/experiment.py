@@ -218,26 +218,32 @@ class Experiment:
 
         return self._stage("generator", run)
 
-    def synthesize(self) -> dict[str, Any]:
-        """Sample the synthetic set from the *pinned* generator version (or its store copy if unregistered)."""
+    def synthesis_spec(self, shard_size: int = 256):
+        """The synthetic set as a ``SynthesisSpec``: K x the real training set, balanced per class, from the
+        *pinned* generator version (or its store copy if unregistered). Flows map its shards themselves."""
         from meddiffuse.config import SynthesisSpec
-        from meddiffuse.tasks import synthesize
 
         c = self.config
+        gen = self._require("generator")
+        n_train = len(self.real.manifest.select("train"))
+        per_class = max(1, math.ceil(c.synthetic_multiple * n_train / self.domain.num_classes))
+        return SynthesisSpec(
+            generator=gen.get("uri") or gen["ref"], per_class=per_class, prefix=self.paths.synthetic,
+            sampler=c.sampler, sampling_steps=c.sampling_steps, guidance=c.guidance, seed=c.seed,
+            shard_size=shard_size,
+            # sampling pads every batch to a fixed width (for bit-exact regeneration); a small set
+            # should not pay for 64 rows per call
+            batch_size=min(64, max(8, -(-per_class // 8) * 8)),
+        )
+
+    def synthesize(self) -> dict[str, Any]:
+        """Sample the synthetic set (``synthesis_spec``), resuming from committed shards."""
+        from meddiffuse.tasks import synthesize
 
         def run() -> dict[str, Any]:
-            gen = self._require("generator")
-            n_train = len(self.real.manifest.select("train"))
-            per_class = max(1, math.ceil(c.synthetic_multiple * n_train / self.domain.num_classes))
-            spec = SynthesisSpec(
-                generator=gen.get("uri") or gen["ref"], per_class=per_class, prefix=self.paths.synthetic,
-                sampler=c.sampler, sampling_steps=c.sampling_steps, guidance=c.guidance, seed=c.seed,
-                # sampling pads every batch to a fixed width (for bit-exact regeneration); a small set
-                # should not pay for 64 rows per call
-                batch_size=min(64, max(8, -(-per_class // 8) * 8)),
-            )
+            spec = self.synthesis_spec()
             out = synthesize(spec, settings=self.settings, store=self.store)
-            return {"synthetic": out.dataset_id, "per_class": per_class, "n": out.n, "generator": out.generator}
+            return {"synthetic": out.dataset_id, "per_class": spec.per_class, "n": out.n, "generator": out.generator}
 
         return self._stage("synthesize", run)
 

@@ -1,0 +1,5 @@
+import sys
+
+from deploy.stack.stack import main
+
+sys.exit(main())
