@@ -1106,7 +1106,7 @@ def validate(
         if "bento" in only:
             report.run("deploy/bentofiles: BentoML build config", lambda: check_bentofiles(root))
         if "secrets" in only:
-            scan = [root / "deploy", root / "k8s", root / "docs" / "DEPLOY.md", root / "docs" / "STACK-NOTES-deploy.md"]
+            scan = [root / "deploy", root / "k8s", root / "docs" / "DEPLOY.md", root / "docs" / "STACK-NOTES.md"]
             report.run(
                 "no secret values in deploy/, k8s/, docs", lambda: scan_secrets([p for p in scan if p.exists()], root)
             )

@@ -313,65 +313,39 @@ def test_train_retry_registers_once_and_promote_refuses_a_worse_challenger(prefe
 # -- backends --------------------------------------------------------------------------------------------------
 
 
-def _classifier_result(**over) -> dict:
-    return {"domain": "brain-mri", "arch": "resnet18", "train_data": "real", "pretrained": None, "prefix": "c/x",
-            "fingerprint": "f", "metrics": {"accuracy": 0.5}, "evaluation": {}, "dataset_ids": {}, "n_train": 8,
-            "name": CLASSIFIER, "version": 3, "uri": f"models:/{CLASSIFIER}/3", "model_version": "x/3"} | over
+def test_http_backend_against_the_generator_service(prefect_api, gen_home, use_home, tmp_path):
+    """``generate-dataset`` with ``backend=http`` against ``bentoml serve services.generator:Generator``: the
+    BentoML task protocol (submit, poll, get) with the API key, and a dataset the service committed."""
+    if not (ROOT / "services" / "generator.py").is_file():
+        pytest.skip("services/generator.py is not there")
+    from flows.backends import BadRequest
+    from flows.generate import generate_dataset
+    from meddiffuse.store import create_store
 
+    key, port = "flows-test-key-0123", free_port()
+    env = clean_env(MEDDIFFUSE_HOME=gen_home, BENTOML_HOME=tmp_path / "bentoml", MEDDIFFUSE_SERVE__API_KEY=key,
+                    MEDDIFFUSE_SERVE__DOMAINS='["brain-mri"]')
+    service = Proc.start("generator", [str(BIN / "bentoml"), "serve", "services.generator:Generator", "--host",
+                                       "127.0.0.1", "--port", str(port)], env, tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", service, timeout=240)
+        http = dict(MEDDIFFUSE_FLOWS__BACKEND="http", MEDDIFFUSE_FLOWS__GENERATOR_URL=f"http://127.0.0.1:{port}",
+                    MEDDIFFUSE_FLOWS__POLL_INTERVAL_S="0.5")
+        settings = use_home(gen_home, MEDDIFFUSE_SERVE__API_KEY=key, **http)
+        spec = synth_spec("datasets/syn-http", per_class=2, shard_size=2)
+        state = generate_dataset(spec=spec, return_state=True)
+        assert state.is_completed(), f"{state.message}\n{service.log()}"
+        assert state.result().n == 2 * 4 and state.result().generator == f"models:/{GENERATOR}/1"
+        check_synthetic(create_store(settings), spec.prefix, 2)  # written by the service, read here
 
-def test_http_backend_protocol_against_a_stand_in(tmp_path):
-    """The BentoML task protocol (submit, poll status, get), the API key, errors, the generator's body."""
-    from flows.backends import BadRequest, HTTPBackend, RemoteTaskFailed
-    from meddiffuse.config import ClassifierSpec, Settings
-
-    seen: list[tuple[str, str, dict | None]] = []
-    polls = {"n": 0}
-    outcome = {"status": "completed"}
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content) if request.content else None
-        seen.append((request.method, request.url.path, body))
-        if request.headers.get("x-api-key") != "k":
-            return httpx.Response(401, json={"error": "unauthorized"})
-        if request.url.path.endswith("/submit"):
-            return httpx.Response(200, json={"task_id": "t1", "status": "in_progress"})
-        if request.url.path.endswith("/status"):
-            polls["n"] += 1
-            return httpx.Response(200, json={"task_id": "t1", "status": "in_progress" if polls["n"] < 3
-                                             else outcome["status"]})
-        if outcome["status"] == "failed":
-            return httpx.Response(500, json={"error": "dataset vanished"})
-        if request.url.path.startswith("/generate_dataset"):
-            return httpx.Response(200, json={"prefix": "s", "dataset_id": "d", "n": 8, "per_class": 2,
-                                             "generator": f"models:/{GENERATOR}/1", "plan": "p"})
-        return httpx.Response(200, json=_classifier_result())
-
-    def backend(key: str = "k") -> HTTPBackend:
-        settings = Settings(home=tmp_path, flows={"backend": "http", "poll_interval_s": 0.01,
-                                                  "trainer_url": "http://trainer", "generator_url": "http://gen"},
-                            serve={"api_key": key})
-        return HTTPBackend(settings, transport=httpx.MockTransport(handler))
-
-    spec = ClassifierSpec(domain="brain-mri", arch="resnet18", train=["a"], test="b")
-    result = backend().train_classifier(spec)
-    assert result.uri == f"models:/{CLASSIFIER}/3"
-    assert seen[0] == ("POST", "/train_classifier/submit", spec.model_dump(mode="json"))  # the spec is the body
-    assert [p for _, p, _ in seen[1:]] == ["/train_classifier/status"] * 3 + ["/train_classifier/get"]
-
-    from meddiffuse.config import SynthesisSpec
-
-    seen.clear()
-    polls["n"] = 0
-    synthetic = backend().generate_dataset(SynthesisSpec(generator=f"{GENERATOR}@champion", per_class=2, prefix="s"))
-    assert synthetic.n == 8 and seen[0][1] == "/generate_dataset/submit" and seen[0][2]["domain"] == "brain-mri"
-    with pytest.raises(Exception, match="registered generators"):
-        backend().generate_dataset(SynthesisSpec(generator="generators/some-prefix", per_class=2, prefix="s"))
-
-    outcome["status"], polls["n"] = "failed", 0
-    with pytest.raises(RemoteTaskFailed, match="dataset vanished"):
-        backend().train_classifier(spec)
-    with pytest.raises(BadRequest, match="API_KEY"):
-        backend("wrong").train_classifier(spec)
+        use_home(gen_home, MEDDIFFUSE_SERVE__API_KEY="not-the-key", **http)
+        state = generate_dataset(spec=synth_spec("datasets/syn-http-2", per_class=2), return_state=True)
+        assert state.is_failed()
+        with pytest.raises(BadRequest):
+            state.result()
+    finally:
+        service.stop()
+    assert not service.alive()
 
 
 def test_http_backend_against_the_trainer_service(prefect_api, use_home, tmp_path):

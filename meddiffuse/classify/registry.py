@@ -51,6 +51,9 @@ except ImportError:  # pragma: no cover
 class ClassifierPyfunc(PythonModel):
     """``predict``: N x H x W x C images (uint8, or float in [0, 1]) -> N x K class probabilities."""
 
+    # predict takes arrays/rows, not typed inputs: MLflow's type-hint validation (and its warning) does not apply
+    _skip_type_hint_validation = True
+
     def __init__(self) -> None:
         self.classifier: Classifier | None = None
 
@@ -125,8 +128,6 @@ def register_classifier(
             mlflow.log_metrics(check_metrics(metrics))
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.")})
             with registry_errors(f"cannot log classifier {name}"), warnings.catch_warnings(), quiet_mlflow():
-                # predict takes arrays, not typed rows: MLflow's type-hint validation does not apply
-                warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
                 warnings.filterwarnings("ignore", message=".*An input example was not provided")
                 logged = mlflow.pyfunc.log_model(
                     name=ARTIFACT_KEY,
