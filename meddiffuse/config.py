@@ -83,6 +83,8 @@ class ClassifierRecipe(Seeded):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     balanced: bool = False
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the training images held out to pick "
+                                "the best epoch; 0 = train on all and keep the last epoch.")
     early_stopping_patience: int | None = Field(4, ge=1)
     bootstrap: int = Field(1000, ge=0)
 

@@ -128,7 +128,11 @@ class Experiment:
         except ObjectNotFound:
             self.store.put_text(self.paths.config, json.dumps(current, indent=2, sort_keys=True))
             recorded = current
-        changed = sorted(k for k in set(current) | set(recorded)
+        # a field added to the config since the experiment was recorded counts as its default (the behaviour
+        # the experiment had before the field existed)
+        defaults = ExperimentConfig.model_construct().model_dump(mode="json")
+        recorded = {k: recorded.get(k, defaults.get(k)) for k in set(current) | set(recorded)}
+        changed = sorted(k for k in recorded
                          if k not in RESUMABLE_CHANGES and current.get(k) != recorded.get(k))
         if changed:
             shown = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)

@@ -29,6 +29,7 @@ from meddiffuse.registry import (
     PinnedVersion,
     classifier_model_name,
     current_alias,
+    describe_version,
     find_version_by_tag,
     generator_model_name,
     is_registry_ref,
@@ -141,7 +142,7 @@ def train_and_register_classifier(
         clf.to(settings.torch_device())
         train = train_classifier(
             clf, [(ds, "train") for ds in train_sets], domain=domain, epochs=spec.epochs,
-            batch_size=spec.batch_size, lr=spec.lr, balanced=spec.balanced,
+            batch_size=spec.batch_size, lr=spec.lr, balanced=spec.balanced, val_fraction=spec.val_fraction,
             early_stopping_patience=spec.early_stopping_patience, seed=spec.seed, progress=progress,
         )
         result = evaluate(clf, test_set, "test", bootstrap=spec.bootstrap, seed=spec.seed)
@@ -316,7 +317,6 @@ def plan_synthesis(spec: SynthesisSpec, *, settings: Settings | None = None, sto
 def _summary_from_tags(pinned: PinnedVersion, settings: Settings):
     from meddiffuse.domains import Domain
     from meddiffuse.generate.synthesis import GeneratorSummary
-    from meddiffuse.registry import describe_version
 
     tags = describe_version(pinned.uri, settings).tags
     try:
@@ -458,8 +458,6 @@ def promote_if_better(
     settings, store = _ctx(settings, store)
     pinned = resolve(challenger, settings)
     ds = open_dataset(store, test_set)
-    from meddiffuse.registry import describe_version
-
     holder = current_alias(pinned.name, alias, settings)
     base = {"name": pinned.name, "alias": alias, "challenger": pinned.version, "champion": holder,
             "metric": metric, "test_set": ds.id}
