@@ -20,7 +20,7 @@ from typing import Any
 
 from meddiffuse.config import Settings
 from meddiffuse.registry.client import AliasMoved, RegistryError, quiet_mlflow, registry_client, registry_errors
-from meddiffuse.registry.refs import CHAMPION, NAME_RE, PinnedVersion, check_name_part, parse_model_ref
+from meddiffuse.registry.refs import CHAMPION, NAME_RE, ModelRef, PinnedVersion, check_name_part, parse_model_ref
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,19 @@ def dataset_tags(dataset_ids: Mapping[str, str]) -> dict[str, str]:
 # -- resolving ---------------------------------------------------------------------------------------
 
 
+def _lookup(client: Any, parsed: ModelRef) -> Any:
+    """The MLflow ModelVersion a parsed reference points at (by number, or through its alias)."""
+    if parsed.version is not None:
+        return client.get_model_version(parsed.name, str(parsed.version))
+    return client.get_model_version_by_alias(parsed.name, parsed.alias)
+
+
 def resolve(ref: str, settings: Settings | None = None) -> PinnedVersion:
     """The version a reference points at now: one registry call, no download."""
     parsed = parse_model_ref(ref)
     client = registry_client(settings)
     with registry_errors(f"cannot find {parsed.uri}"):
-        if parsed.version is not None:
-            mv = client.get_model_version(parsed.name, str(parsed.version))
-        else:
-            mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
+        mv = _lookup(client, parsed)
     return PinnedVersion(parsed.name, int(mv.version), parsed.alias, mv.run_id)
 
 
@@ -132,10 +136,7 @@ def describe_version(ref: str, settings: Settings | None = None) -> VersionSumma
     parsed = parse_model_ref(ref)
     client = registry_client(settings)
     with registry_errors(f"cannot find {parsed.uri}"):
-        if parsed.version is not None:
-            mv = client.get_model_version(parsed.name, str(parsed.version))
-        else:
-            mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
+        mv = _lookup(client, parsed)
         aliases = client.get_registered_model(parsed.name).aliases
     return _summary(mv, sorted(a for a, v in aliases.items() if int(v) == int(mv.version)))
 
