@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,24 +16,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tests.servicekit import OFFLINE_ENV as SERVICE_ENV
+from tests.servicekit import free_port  # noqa: F401 - re-exported for the flow tests
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-OFFLINE_ENV = {
-    "BENTOML_DO_NOT_TRACK": "true",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "PYTHONUNBUFFERED": "1",
-    "TQDM_DISABLE": "1",
-}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+OFFLINE_ENV = SERVICE_ENV | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
