@@ -350,6 +350,27 @@ def test_mixed_training_unions_sources_of_different_resolutions(store, brain_pha
     assert all(s.n_val > 0 for s in result.sources)  # validation is drawn from every source
 
 
+def test_mixup_cutmix_train_on_soft_targets_seeded_and_leave_numpy_alone(brain_phantoms):
+    def run(**mix):
+        clf = create_classifier(TINY, 4, 1, weights="none", classes=BRAIN.classes, seed=0)
+        result = train_classifier(clf, brain_phantoms, domain=BRAIN, epochs=2, batch_size=8, lr=1e-3, seed=0,
+                                  val_fraction=0.0, progress=False, **mix)
+        return result, [p.detach().clone() for p in clf.model.parameters()]
+
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    mixed, w1 = run(mixup=0.2, cutmix=1.0)
+    assert np.array_equal(np.random.get_state()[1], before)  # the caller's numpy RNG is untouched
+    again, w2 = run(mixup=0.2, cutmix=1.0)
+    plain, w3 = run()
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2, strict=True))  # seeded: the same run twice
+    assert not all(torch.equal(a, b) for a, b in zip(w1, w3, strict=True))  # mixing changed what it learned
+    assert mixed.hyperparameters["mixup"] == 0.2 and mixed.hyperparameters["cutmix"] == 1.0
+    assert plain.hyperparameters["mixup"] == 0.0
+    with pytest.raises(ValueError, match="alphas"):
+        run(mixup=-1.0)
+
+
 def test_training_refuses_real_test_images_and_mismatched_classes(store, brain_phantoms):
     clf = create_classifier(TINY, 4, 1, weights="none")
     with pytest.raises(ValueError, match="real test images"):

@@ -27,11 +27,13 @@ from meddiffuse.generate import (
     list_samplers,
     load_generator,
     sample_grid_png,
+    snapshot_prefix,
     train_generator,
     write_sample_grids,
 )
 from meddiffuse.generate.artifact import write_generator_folder
 from meddiffuse.generate.checkpoint import checkpoint_prefix, latest_checkpoint
+from meddiffuse.generate.training import random_affine_intensity
 from meddiffuse.store import LocalStore, sha256_hex
 from tests import s3server
 
@@ -507,3 +509,42 @@ def test_cli_trains_generates_and_refuses_clearly(env, trained, monkeypatch):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_snapshots_and_ema_variants_come_from_one_run(env):
+    """A scaling curve from one run: snapshots equal the EMA model a shorter run of the same recipe ends with
+    (constant LR, so the schedule does not depend on the budget), and extra EMA decays sit beside them."""
+    settings, store, real = env
+    config = tiny(batch_size=8, lr_schedule="constant_with_warmup")
+    common = dict(max_minutes=None, checkpoint_every=10, seed=1, settings=settings, progress=False, track=False)
+    train_generator(real, config, store, "generators/curve", max_steps=6, snapshot_steps=[3], ema_variants=[0.0, 0.9],
+                    **common)
+    train_generator(real, config, store, "generators/curve-short", max_steps=3, **common)
+    at3 = load_generator(snapshot_prefix("generators/curve", 3), store, settings).unet.state_dict()
+    short = load_generator("generators/curve-short", store, settings).unet.state_dict()
+    assert all(torch.equal(at3[k], short[k]) for k in short)
+    final = load_generator("generators/curve", store, settings)
+    assert final.meta.steps_trained == 6
+    raw = load_generator(snapshot_prefix("generators/curve", 6, 0.0), store, settings).unet.state_dict()
+    fast = load_generator(snapshot_prefix("generators/curve", 6, 0.9), store, settings).unet.state_dict()
+    ema = final.unet.state_dict()
+    # the raw weights are the checkpoint's; each EMA differs from them and from the other
+    ckpt = weights_at(store, "generators/curve", 6)
+    assert all(torch.equal(raw[k], ckpt[k]) for k in ckpt)
+    assert not all(torch.equal(ema[k], fast[k]) for k in ema)
+    assert not all(torch.equal(raw[k], fast[k]) for k in raw)
+    with pytest.raises(InvalidGeneratorRequest, match="ema_variants"):
+        train_generator(real, config, store, "generators/curve-bad", max_steps=2, ema_variants=[1.5], **common)
+
+
+def test_affine_intensity_augmentation_is_keyed_small_and_off_at_zero():
+    x = torch.linspace(-1, 1, 2 * 16 * 16).reshape(2, 1, 16, 16).repeat(8, 1, 1, 1)
+    a = random_affine_intensity(x, 1.0, torch.Generator().manual_seed(5))
+    b = random_affine_intensity(x, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+    changed = (a - x).abs().flatten(1).amax(1) > 0
+    assert 0 < int(changed.sum()) < len(x)  # about half the batch, never all or none at this size
+    assert float((a - x).abs().mean()) < 0.2  # small changes, not new images
+    assert torch.allclose(random_affine_intensity(x, 0.0, torch.Generator().manual_seed(5)), x, atol=1e-5)
+    # a config without the new field keeps the fingerprint it had before the field existed
+    assert tiny(augment_strength=0.0).fingerprint() == tiny().fingerprint() != tiny(augment_strength=0.5).fingerprint()

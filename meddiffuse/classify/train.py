@@ -120,6 +120,8 @@ def train_classifier(
     augmentation_strength: float = 1.0,
     ema_decay: float | None = None,
     early_stopping_patience: int | None = None,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
     seed: int = 0,
     progress: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
@@ -128,31 +130,38 @@ def train_classifier(
 
     Mixed training is ``[(real, "train"), (synthetic, None)]``. Validation comes only from these
     sources; the real test split is never touched (a real dataset's test split is refused).
-    ``on_epoch`` receives each epoch's stats (e.g. to log them to MLflow).
+    ``on_epoch`` receives each epoch's stats (e.g. to log them to MLflow). ``mixup`` / ``cutmix`` are
+    timm's ``Mixup`` alphas (0 = off; both set = one of the two per batch).
     """
     sources = _check_sources(clf, train)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+    if mixup < 0 or cutmix < 0:
+        raise ValueError(f"mixup and cutmix alphas must be >= 0, got {mixup}, {cutmix}")
     hyperparameters = {
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs, "val_fraction": val_fraction, "balanced": balanced,
         "label_smoothing": label_smoothing, "augmentation_strength": augmentation_strength,
         "ema_decay": ema_decay, "early_stopping_patience": early_stopping_patience, "seed": seed,
-        "input_size": clf.input_size,
+        "input_size": clf.input_size, "mixup": mixup, "cutmix": cutmix,
     }
     started = time.perf_counter()
     # the caller's global RNG is left as it was: seeding happens inside a forked RNG state
     devices = [clf.device.index or 0] if clf.device.type == "cuda" else []
+    numpy_state = np.random.get_state()  # timm's Mixup draws from numpy's global RNG; restored after
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return _train(clf, sources, domain, epochs, batch_size, lr, weight_decay, warmup_epochs, val_fraction,
-                      balanced, label_smoothing, augmentation_strength, ema_decay, early_stopping_patience, seed,
-                      progress, on_epoch, hyperparameters, started)
+        try:
+            return _train(clf, sources, domain, epochs, batch_size, lr, weight_decay, warmup_epochs, val_fraction,
+                          balanced, label_smoothing, augmentation_strength, ema_decay, early_stopping_patience, seed,
+                          progress, on_epoch, hyperparameters, started, mixup, cutmix)
+        finally:
+            np.random.set_state(numpy_state)
 
 
 def _train(clf, sources, domain, epochs, batch_size, lr, weight_decay, warmup_epochs, val_fraction, balanced,
            label_smoothing, augmentation_strength, ema_decay, early_stopping_patience, seed, progress, on_epoch,
-           hyperparameters, started) -> TrainResult:
+           hyperparameters, started, mixup=0.0, cutmix=0.0) -> TrainResult:
     train_parts, val_parts = split_train_val(sources, val_fraction, seed)
     resolution = max(ds.manifest.resolution for ds, _ in sources)
     augment = train_augmentation(domain, augmentation_strength)
@@ -172,6 +181,15 @@ def _train(clf, sources, domain, epochs, batch_size, lr, weight_decay, warmup_ep
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=lr * 0.01, warmup_t=warmup_steps,
                                   warmup_lr_init=lr * 0.01, t_in_epochs=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    mixer = None
+    if mixup > 0 or cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        np.random.seed(seed)  # repeatable mixing; train_classifier restores the caller's numpy state
+        mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                      num_classes=len(clf.classes))
+        soft_criterion = SoftTargetCrossEntropy()
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay else None
 
     history: list[EpochStats] = []
@@ -184,8 +202,14 @@ def _train(clf, sources, domain, epochs, batch_size, lr, weight_decay, warmup_ep
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress):
             y = y.to(device)
-            logits = model(clf.preprocess(x))
-            loss = criterion(logits, y)
+            x = clf.preprocess(x)
+            if mixer is not None and len(y) % 2 == 0:  # timm's Mixup pairs the batch with its mirror
+                x, soft = mixer(x, y)
+                logits = model(x)
+                loss = soft_criterion(logits, soft)
+            else:
+                logits = model(x)
+                loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -31,7 +31,7 @@ from meddiffuse.generate.synthesis import (
     plan_generation,
     run_shard,
 )
-from meddiffuse.generate.training import GeneratorInfo, TrainStep, train_generator
+from meddiffuse.generate.training import GeneratorInfo, TrainStep, snapshot_prefix, train_generator
 
 __all__ = [
     "DEFAULT_SAMPLER",
@@ -63,6 +63,7 @@ __all__ = [
     "run_shard",
     "sample_grid_png",
     "save_generator_model",
+    "snapshot_prefix",
     "train_generator",
     "write_sample_grids",
 ]

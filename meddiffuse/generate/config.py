@@ -61,6 +61,9 @@ class GeneratorConfig(BaseModel):
     ema_decay: float = Field(0.995, gt=0, lt=1)
     ema_power: float = Field(0.75, gt=0, description="EMA warm-up exponent (decay ramps up to ema_decay).")
     augment: bool = Field(True, description="Flip images where the domain's anatomy allows it.")
+    augment_strength: float = Field(
+        0.0, ge=0.0, le=1.0, description="Small affine and intensity changes to half of each batch (0 = flips only)."
+    )
     # execution
     mixed_precision: MixedPrecision = Field("auto", description="auto = bf16/fp16 on CUDA, none on CPU.")
     compile: bool = Field(False, description="torch.compile the UNet (helps on long runs; slow to start).")
@@ -96,8 +99,14 @@ class GeneratorConfig(BaseModel):
     def fingerprint(self) -> str:
         """Hash of the fields that change what a checkpoint means (execution flags excluded)."""
         data = self.model_dump(mode="json", exclude={"mixed_precision", "compile", "preset"})
+        for name, default in _ADDED_FIELDS.items():  # fields added later keep older fingerprints valid
+            if data.get(name) == default:
+                data.pop(name)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# field -> default, for fields added after checkpoints were already fingerprinted
+_ADDED_FIELDS: dict[str, Any] = {"augment_strength": 0.0}
 
 # Preset shapes; everything else comes from the GeneratorConfig defaults (the recipe in STACK-NOTES).
 PRESETS: dict[str, dict[str, Any]] = {

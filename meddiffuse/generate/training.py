@@ -14,7 +14,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -104,6 +104,8 @@ def train_generator(
     track: bool = True,
     log_every: int = 10,
     on_step: StepCallback | None = None,
+    snapshot_steps: Sequence[int] = (),
+    ema_variants: Sequence[float] = (),
 ) -> GeneratorInfo:
     """Train (or resume) a generator on ``dataset``'s train split; save the EMA model under ``<prefix>/model/``.
 
@@ -115,8 +117,18 @@ def train_generator(
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the latest one exactly
     (same batches, noise and optimizer state) and refuses one made with another config, dataset or
     seed. Without ``resume``, an existing run at ``prefix`` is refused unless ``overwrite=True``.
+
+    ``snapshot_steps`` also saves the EMA model at those steps under ``snapshot_prefix(prefix, step)``
+    (one run gives a whole scaling curve; with a constant LR schedule each snapshot is the model a run
+    of that budget would have been). ``ema_variants`` keeps extra EMAs with these decays (0 = the raw
+    weights) beside the config's, saved with every snapshot and at the end under
+    ``snapshot_prefix(prefix, step, decay)``: the EMA decay compared at no extra training. The extra
+    EMAs are not part of checkpoints; on resume they restart from the current weights.
     """
     _check_budget(max_steps, max_minutes, checkpoint_every, log_every)
+    if any(not 0.0 <= d < 1.0 for d in ema_variants):
+        raise InvalidGeneratorRequest(f"ema_variants must be decays in [0, 1), got {list(ema_variants)}")
+    snapshots = {int(s) for s in snapshot_steps}
     check_dataset(dataset, config)
     settings = settings or Settings()
     prefix = prefix.strip("/")
@@ -137,8 +149,19 @@ def train_generator(
         logger.info("resumed %s from step %d", prefix, step)
     resumed_from = step if checkpoint is not None else None
 
+    variants = {d: _make_ema(accelerator.unwrap_model(model), config, d, foreach=True)  # vectorised: cheap
+                for d in ema_variants if d > 0}
     data = TrainingImages(dataset, config, accelerator.device)
-    loop = _TrainingLoop(config, accelerator, model, optimizer, lr_scheduler, ema, noise_scheduler, data, seed)
+    loop = _TrainingLoop(config, accelerator, model, optimizer, lr_scheduler, ema, noise_scheduler, data, seed,
+                         list(variants.values()))
+
+    def save_snapshots(at: int, final: bool) -> None:
+        if not final:
+            _save_final_model(accelerator, model, ema, noise_scheduler, config, store, snapshot_prefix(prefix, at),
+                              at, dataset, seed)
+        for decay in ema_variants:
+            _save_final_model(accelerator, model, variants.get(decay), noise_scheduler, config, store,
+                              snapshot_prefix(prefix, at, decay), at, dataset, seed)
     info_base = dict(
         ref=prefix, model_prefix=model_prefix(prefix), store_uri=store.uri, domain=config.domain,
         classes=list(config.classes), resolution=config.resolution, preset=config.preset,
@@ -198,6 +221,8 @@ def train_generator(
                     tracker.log({"lr_horizon": horizon}, step)
             if step % checkpoint_every == 0 and step < stop_step:
                 _save_checkpoint(accelerator, store, prefix, ckpt_info.model_copy(update={"step": step}))
+            if step in snapshots:
+                save_snapshots(step, final=False)
             if on_step is not None:
                 on_step(TrainStep(step=step, loss=loss, lr=lr, images_per_second=images_per_s))
         if window:
@@ -207,6 +232,8 @@ def train_generator(
             _save_checkpoint(accelerator, store, prefix, ckpt_info.model_copy(update={"step": step}))
         meta = _save_final_model(accelerator, model, ema, noise_scheduler, config, store, prefix, step,
                                  dataset, seed)
+        if ema_variants and step not in snapshots:
+            save_snapshots(step, final=True)
         tracker.finish(meta, step)
 
     return GeneratorInfo(
@@ -250,10 +277,7 @@ def _build(config: GeneratorConfig, settings: Settings, seed: int, horizon: int)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(derive_seed("init", seed))
         unet = create_unet(config)
-    ema = EMAModel(
-        unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
-        power=config.ema_power, model_cls=UNet2DModel, model_config=unet.config,
-    )
+    ema = _make_ema(unet, config, config.ema_decay)
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
     )
@@ -271,10 +295,24 @@ def _build(config: GeneratorConfig, settings: Settings, seed: int, horizon: int)
     return accelerator, model, optimizer, lr_scheduler, ema, create_noise_scheduler(config)
 
 
+def snapshot_prefix(prefix: str, step: int, ema_decay: float | None = None) -> str:
+    """Store prefix of a run's snapshot at ``step`` (``ema_decay``: of that EMA variant; 0 = raw weights)."""
+    tail = "" if ema_decay is None else f"-ema{ema_decay:g}"
+    return f"{prefix.strip('/')}/snapshots/step-{step:06d}{tail}"
+
+
+def _make_ema(unet: UNet2DModel, config: GeneratorConfig, decay: float, foreach: bool = False) -> EMAModel:
+    return EMAModel(
+        unet.parameters(), decay=decay, use_ema_warmup=True, inv_gamma=1.0,
+        power=config.ema_power, model_cls=UNet2DModel, model_config=unet.config, foreach=foreach,
+    )
+
+
 class _TrainingLoop:
     """One optimisation step: keyed randomness, v/epsilon target, min-SNR weighting, clip, EMA."""
 
-    def __init__(self, config, accelerator, model, optimizer, lr_scheduler, ema, noise_scheduler, data, seed):
+    def __init__(self, config, accelerator, model, optimizer, lr_scheduler, ema, noise_scheduler, data, seed,
+                 ema_variants=()):
         self.config = config
         self.accelerator = accelerator
         self.model = model
@@ -285,6 +323,7 @@ class _TrainingLoop:
         self.data = data
         self.seed = seed
         self.flip_dims = _flip_dims(config) if config.augment else []
+        self.ema_variants = list(ema_variants)
 
     def run_step(self, step: int) -> float:
         cfg, acc = self.config, self.accelerator
@@ -293,6 +332,8 @@ class _TrainingLoop:
         x0, labels = self.data.batch(index)
         gen = torch.Generator(device=acc.device).manual_seed(derive_seed("train", self.seed, step, rank))
         x0 = _random_flips(x0, self.flip_dims, gen)
+        if cfg.augment and cfg.augment_strength > 0:
+            x0 = random_affine_intensity(x0, cfg.augment_strength, gen)
         drop = torch.rand(batch, generator=gen, device=acc.device) < cfg.label_dropout
         labels = torch.where(drop, torch.full_like(labels, cfg.null_class), labels)
         timesteps = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=gen, device=acc.device)
@@ -313,6 +354,8 @@ class _TrainingLoop:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.step(acc.unwrap_model(self.model).parameters())
+        for variant in self.ema_variants:
+            variant.step(acc.unwrap_model(self.model).parameters())
         return float(loss.detach().item())
 
 
@@ -349,6 +392,29 @@ def _random_flips(x: torch.Tensor, dims: list[int], gen: torch.Generator) -> tor
         flip = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(dim), x)
     return x
+
+
+def random_affine_intensity(x: torch.Tensor, strength: float, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Small label-preserving changes to a share ``p`` of a [-1, 1] batch: rotation up to 10°·s, scale and
+    translation up to 10%·s and 5%·s, brightness and contrast up to 10%·s. Small enough to stay plausible
+    anatomy (the generator may reproduce them), so no augmentation condition is needed; borders are
+    replicated, so black MRI/CT backgrounds and pale smear backgrounds both stay as they are."""
+    n, device = x.shape[0], x.device
+
+    def uniform() -> torch.Tensor:  # in [-1, 1), from the step's keyed generator
+        return torch.rand(n, generator=gen, device=device) * 2 - 1
+
+    apply = torch.rand(n, generator=gen, device=device) < p
+    angle, scale = uniform() * math.radians(10 * strength), 1 + uniform() * 0.1 * strength
+    shift = torch.stack([uniform(), uniform()], dim=1) * 0.1 * strength  # 5% of the side in [-1, 1] units
+    contrast, brightness = 1 + uniform() * 0.1 * strength, uniform() * 0.2 * strength  # 10% of the range
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    moved = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = moved.mean(dim=(1, 2, 3), keepdim=True)
+    moved = ((moved - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]).clamp(-1, 1)
+    return torch.where(apply[:, None, None, None], moved, x)
 
 
 def _make_accelerator(config: GeneratorConfig, settings: Settings) -> Accelerator:
@@ -439,7 +505,8 @@ def _restore(accelerator: Accelerator, store: ObjectStore, prefix: str, info: Ch
 
 
 def _save_final_model(accelerator, model, ema, noise_scheduler, config, store, prefix, step, dataset, seed):
-    """Copy the EMA weights into a fresh UNet and save it with its metadata (main process only)."""
+    """Copy the EMA weights (``ema=None``: the raw weights) into a fresh UNet and save it with its metadata
+    (main process only)."""
     meta = GeneratorMeta(
         domain=config.domain, classes=list(config.classes), channels=config.channels,
         resolution=config.resolution, prediction_type=config.prediction_type, config=config,
@@ -448,7 +515,10 @@ def _save_final_model(accelerator, model, ema, noise_scheduler, config, store, p
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unet = create_unet(config)
-        ema.copy_to(unet.parameters())
+        if ema is None:
+            unet.load_state_dict(accelerator.unwrap_model(model).state_dict())
+        else:
+            ema.copy_to(unet.parameters())
         meta = save_generator_model(unet, noise_scheduler, meta, store, prefix)
     accelerator.wait_for_everyone()
     return meta

@@ -1,0 +1,332 @@
+"""Closing the TSTR gap at CPU scale: scaling curves and levers, one at a time, on the same footing.
+
+Every run uses ../shared/data/<domain>/64px at 32 px with the study's split (20% of each class to train,
+80% to test, seed 0), the `cpu-small` UNet and one judge/TRTR classifier (EfficientNet-Lite0, offline
+ImageNet weights) trained on the real 20%. Two steps, both resumable (a working folder keeps every
+generator, snapshot, synthetic set and scored row; a rerun skips what is done):
+
+  train     one generator run per named variant; snapshots of its EMA model at the curve's budgets
+            (constant LR after warm-up, so a snapshot at N steps is what an N-step run would give) and,
+            where asked, extra EMA decays kept beside it
+  evaluate  for each (generator snapshot, sampling, classifier recipe) row: sample a balanced synthetic
+            set, then class fidelity (the judge), the audit's per-class coverage/recall/FD/MS-SSIM and
+            copy gate, TSTR (Lite0 trained on the synthetic set) and, where asked, mixed (real + synthetic)
+
+    python bench/science.py train --domain brain-mri --variant base --steps 1200 --snapshots 300 600 1200
+    python bench/science.py evaluate --domain brain-mri --plan curve
+
+Writes bench/results/science-<plan>-<domain>.json (one row per measured configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import real_data, write_result  # noqa: E402
+
+WORK = Path(os.environ.get("MEDDIFFUSE_SCIENCE_WORK", Path(__file__).resolve().parents[2] / "science-work"))  # not git
+ARCH = "efficientnet_lite0"
+RESOLUTION = 32
+
+# generator variants: overrides of the `cpu-small` preset (and a resolution); `base` is the curve's recipe
+VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {"lr_schedule": "constant_with_warmup"},
+    "cosine": {"lr_schedule": "cosine"},
+    "augment": {"lr_schedule": "constant_with_warmup", "augment_strength": 1.0},
+    "px64": {"lr_schedule": "constant_with_warmup", "resolution": 64},
+}
+
+
+def experiment(domain: str, resolution: int = RESOLUTION):
+    """The study's real dataset for ``domain`` (same split and seed as bench/study.py), ingested once."""
+    from meddiffuse.config import ExperimentConfig, Settings
+    from meddiffuse.experiment import Experiment
+
+    data = real_data(domain)
+    if data is None:
+        raise SystemExit(f"real images for {domain} not found under ../shared/data; nothing to measure")
+    settings = Settings(home=WORK / domain)
+    config = ExperimentConfig(domain=domain, data=data, name=f"science-{domain}-{resolution}px",
+                              resolution=resolution, train_fraction=0.2, archs=[ARCH], epochs=6, input_size=96,
+                              val_fraction=0.1, explain_per_model=0, register_models=False, seed=0)
+    exp = Experiment(config, settings, progress=False, log=lambda m: print(f"[science] {m}", flush=True))
+    exp.ingest()
+    return exp
+
+
+def generator_prefix(exp, variant: str) -> str:
+    return f"{exp.paths.root}/generators/{variant}"
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from meddiffuse.generate import create_generator_config, train_generator
+    from meddiffuse.generate.artifact import model_prefix
+    from meddiffuse.generate.checkpoint import latest_checkpoint
+    from meddiffuse.generate.metadata import GENERATOR_JSON
+
+    overrides = dict(VARIANTS[a.variant])
+    resolution = overrides.pop("resolution", RESOLUTION)
+    exp = experiment(a.domain, resolution)
+    prefix = generator_prefix(exp, a.variant)
+    record = WORK / a.domain / f"train-{a.variant}.json"
+    if exp.store.exists(f"{model_prefix(prefix)}/{GENERATOR_JSON}") and record.exists():
+        print(f"[science] {a.domain}/{a.variant} already trained: {record}")
+        return
+    config = create_generator_config("cpu-small", exp.domain, resolution, **overrides)
+    t0 = time.monotonic()
+    last = [t0]
+
+    def on_step(s) -> None:
+        if s.step % 50 == 0:
+            now = time.monotonic()
+            print(f"[science] {a.domain}/{a.variant} step {s.step} loss {s.loss:.4f} "
+                  f"{(now - last[0]) / 50:.2f} s/step", flush=True)
+            last[0] = now
+
+    info = train_generator(
+        exp.real, config, exp.store, prefix, max_steps=a.steps, max_minutes=a.minutes,
+        resume=latest_checkpoint(exp.store, prefix) is not None, checkpoint_every=100, seed=0,
+        settings=exp.settings, track=False, snapshot_steps=a.snapshots, ema_variants=a.ema_variants,
+        on_step=on_step,
+    )
+    payload = {"domain": a.domain, "variant": a.variant, "overrides": VARIANTS[a.variant],
+               "config": config.model_dump(mode="json"), "snapshots": sorted(set(a.snapshots) | {info.steps_trained}),
+               "ema_variants": a.ema_variants, "info": info.model_dump(mode="json", exclude={"loss_history"}),
+               "loss_history": info.loss_history[::5], "wall_seconds": round(time.monotonic() - t0, 1)}
+    tmp = record.with_suffix(".part")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(record)
+    print(f"[science] {a.domain}/{a.variant}: {info.steps_trained} steps in {info.seconds / 60:.1f} min -> {record}")
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+# A row: which generator (variant, snapshot step, EMA), how it is sampled, how the classifier is trained.
+DEFAULT_SAMPLING = {"sampler": "dpmsolver++", "steps": 20, "guidance": 2.0, "per_class": 128}
+DEFAULT_RECIPE = {"epochs": 6, "augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0, "lr": 1e-3}
+
+
+def row(lever: str, value: Any, variant: str = "base", step: int | None = None, ema: float | None = None,
+        mixed: bool = False, **changes: Any) -> dict[str, Any]:
+    """One configuration: the defaults with ``changes`` (sampling or classifier keys) applied."""
+    sampling = {k: changes.pop(k, v) for k, v in DEFAULT_SAMPLING.items()}
+    recipe = {k: changes.pop(k, v) for k, v in DEFAULT_RECIPE.items()}
+    if changes:
+        raise ValueError(f"unknown row keys {sorted(changes)}")
+    return {"lever": lever, "value": value, "variant": variant, "step": step, "ema": ema,
+            "sampling": sampling, "recipe": recipe, "mixed": mixed}
+
+
+def plan(name: str, domain: str, final: int) -> list[dict[str, Any]]:
+    """The rows of a plan; ``final`` is the base run's last step (the curve's end, the levers' generator)."""
+    if name == "curve":
+        steps = [s for s in trained(domain, "base")["snapshots"] if s <= final]
+        rows = [row("generator steps", s, step=s, mixed=s == final) for s in steps]
+        if trained(domain, "base")["ema_variants"]:
+            rows += [row("EMA decay", d, step=final, ema=d) for d in trained(domain, "base")["ema_variants"]]
+        return rows
+    if name == "generator":  # generator-side levers at a short, equal budget against base at that step
+        short = trained(domain, "cosine")["info"]["steps_trained"]
+        return [row("generator recipe", "constant LR (base)", step=short),
+                row("generator recipe", "cosine LR", variant="cosine"),
+                row("generator recipe", "affine+intensity augmentation", variant="augment"),
+                row("generator recipe", "64 px, equal wall-clock", variant="px64")]
+    if name == "sampling":
+        return [row("guidance", g, step=final, guidance=g) for g in (0.0, 1.0, 2.0, 4.0)] + [
+            row("guidance + set size", "w=1, 384/class", step=final, guidance=1.0, per_class=384),
+            row("sampler steps", 10, step=final, steps=10),
+        ]
+    if name == "classifier":
+        return [row("classifier recipe", "default (6 epochs)", step=final),
+                row("classifier recipe", "15 epochs", step=final, epochs=15),
+                row("classifier recipe", "no affine/intensity aug", step=final, augmentation_strength=0.0),
+                row("classifier recipe", "aug x2", step=final, augmentation_strength=2.0),
+                row("classifier recipe", "mixup 0.2 + cutmix 1.0", step=final, mixup=0.2, cutmix=1.0),
+                row("classifier recipe", "15 epochs + aug x2 + mixup/cutmix", step=final, epochs=15,
+                    augmentation_strength=2.0, mixup=0.2, cutmix=1.0)]
+    raise SystemExit(f"unknown plan {name!r}")
+
+
+def trained(domain: str, variant: str) -> dict[str, Any]:
+    record = WORK / domain / f"train-{variant}.json"
+    if not record.exists():
+        raise SystemExit(f"{domain}/{variant} is not trained yet: run `bench/science.py train` first")
+    return json.loads(record.read_text())
+
+
+def key_of(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Evaluator:
+    """Scores rows for one domain; every expensive piece (sets, classifiers, rows) is cached on disk."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.exps: dict[int, Any] = {}
+        self.judges: dict[int, Any] = {}
+        self.trtr: dict[str, dict[str, Any]] = {}
+
+    def exp(self, resolution: int):
+        if resolution not in self.exps:
+            self.exps[resolution] = experiment(self.domain, resolution)
+        return self.exps[resolution]
+
+    def judge(self, resolution: int):
+        """Lite0 trained on the real 20% with the default recipe: judge of class fidelity and audit features."""
+        from meddiffuse.classify import load_classifier
+
+        if resolution not in self.judges:
+            exp = self.exp(resolution)
+            exp.train_one(ARCH, "real")
+            self.judges[resolution] = load_classifier(exp.paths.classifier(ARCH, "real"), exp.store,
+                                                      exp.settings).optimize_for_inference()
+        return self.judges[resolution]
+
+    def classifier(self, resolution: int, recipe: dict[str, Any], synthetic=None, real: bool = True):
+        """Train Lite0 with ``recipe`` on real, synthetic or both; score it on the real test split (cached)."""
+        from meddiffuse.classify import create_classifier, evaluate, train_classifier
+
+        exp = self.exp(resolution)
+        what = {"recipe": recipe, "real": real, "synthetic": synthetic.id if synthetic is not None else None,
+                "resolution": resolution}
+        cache = WORK / self.domain / "classifiers" / f"{key_of(what)}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
+        sources = ([(exp.real, "train")] if real else []) + ([(synthetic, None)] if synthetic is not None else [])
+        clf = create_classifier(ARCH, exp.domain.num_classes, exp.domain.channels, input_size=96,
+                                classes=exp.domain.classes, seed=0)
+        t0 = time.monotonic()
+        info = train_classifier(clf, sources, domain=exp.domain, epochs=recipe["epochs"], batch_size=32,
+                                lr=recipe["lr"], val_fraction=0.1, early_stopping_patience=4,
+                                augmentation_strength=recipe["augmentation_strength"], mixup=recipe["mixup"],
+                                cutmix=recipe["cutmix"], seed=0)
+        r = evaluate(clf, exp.test_set, "test", bootstrap=1000, seed=0)
+        out = {"accuracy": r.accuracy, "accuracy_ci95": list(r.accuracy_ci95 or []),
+               "balanced_accuracy": r.balanced_accuracy,
+               "balanced_accuracy_ci95": list(r.balanced_accuracy_ci95 or []), "macro_f1": r.macro_f1,
+               "n_train": info.n_train, "epochs_run": info.epochs_run, "best_epoch": info.best_epoch,
+               "pretrained": clf.pretrained_source, "train_seconds": round(time.monotonic() - t0, 1)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out))
+        return out
+
+    def synthetic(self, r: dict[str, Any]):
+        """The row's synthetic set (generated once; the same per-image seeds at any set size)."""
+        from meddiffuse.generate import generate_dataset, load_generator, snapshot_prefix
+
+        resolution = VARIANTS[r["variant"]].get("resolution", RESOLUTION)
+        exp = self.exp(resolution)
+        prefix = generator_prefix(exp, r["variant"])
+        ref = prefix if r["step"] is None and r["ema"] is None else snapshot_prefix(prefix, r["step"], r["ema"])
+        if r["step"] is not None and r["ema"] is None and r["step"] == trained(self.domain, r["variant"])[
+                "info"]["steps_trained"]:
+            ref = prefix  # the run's final model is its last snapshot
+        s = r["sampling"]
+        t0 = time.monotonic()
+        gen = load_generator(ref, exp.store, exp.settings)
+        ds = generate_dataset(gen, exp.store, f"{exp.paths.root}/sets/{key_of([ref, s])}", s["per_class"],
+                              sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], seed=0,
+                              batch_size=64)
+        return ds, gen, time.monotonic() - t0, resolution
+
+    def score(self, r: dict[str, Any]) -> dict[str, Any]:
+        cache = WORK / self.domain / "rows" / f"{key_of(r)}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
+        from meddiffuse.quality.audit import run_audit
+        from meddiffuse.quality.class_fidelity import class_fidelity
+        from meddiffuse.quality.features import classifier_extractor
+
+        t0 = time.monotonic()
+        ds, gen, sample_seconds, resolution = self.synthetic(r)
+        exp, judge = self.exp(resolution), self.judge(resolution)
+        images, labels = ds.load_arrays()
+        fid = class_fidelity(judge, images, labels, bootstrap=1000, seed=0)
+        audit = run_audit(ds, exp.real, extractors={"domain": classifier_extractor(judge)}, seed=0,
+                          kid_subsets=20, kid_subset_size=min(500, len(labels)))
+        overall = audit.overall.fidelity["domain"]
+        per_class = {c: {"coverage": sec.fidelity["domain"].coverage, "recall": sec.fidelity["domain"].recall,
+                         "ms_ssim": sec.diversity.synthetic_ms_ssim, "real_ms_ssim": sec.diversity.real_ms_ssim,
+                         "class_fidelity": fid.per_class_fidelity.get(c)}
+                     for c, sec in audit.per_class.items()}
+        trtr = self.classifier(resolution, r["recipe"])
+        tstr = self.classifier(resolution, r["recipe"], synthetic=ds, real=False)
+        mixed = self.classifier(resolution, r["recipe"], synthetic=ds, real=True) if r["mixed"] else None
+        out = {**r, "resolution": resolution, "generator_steps": gen.meta.steps_trained,
+               "class_fidelity": fid.class_fidelity, "class_fidelity_ci95": fid.class_fidelity_ci95,
+               "coverage": overall.coverage, "recall": overall.recall, "precision": overall.precision,
+               "fd": overall.frechet_distance, "c2st_accuracy": overall.c2st_accuracy,
+               "ms_ssim": audit.overall.diversity.synthetic_ms_ssim,
+               "real_ms_ssim": audit.overall.diversity.real_ms_ssim, "per_class": per_class,
+               "gate_passed": audit.gate.passed, "flagged_share": audit.gate.flagged_share,
+               "trtr": trtr, "tstr": tstr, "mixed_result": mixed,
+               "tstr_over_trtr": tstr["accuracy"] / trtr["accuracy"],
+               "tstr_over_trtr_balanced": tstr["balanced_accuracy"] / trtr["balanced_accuracy"],
+               "mixed_over_trtr": mixed["accuracy"] / trtr["accuracy"] if mixed else None,
+               "sample_seconds": round(sample_seconds, 1), "seconds": round(time.monotonic() - t0, 1)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out, default=float))
+        print(f"[science] {self.domain} {r['lever']}={r['value']}: fidelity {fid.class_fidelity:.2f} "
+              f"coverage {overall.coverage:.2f} TSTR {tstr['accuracy']:.3f} / TRTR {trtr['accuracy']:.3f} = "
+              f"{out['tstr_over_trtr']:.2f}" + (f", mixed {out['mixed_over_trtr']:.2f}" if mixed else ""),
+              flush=True)
+        return out
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    t0 = time.monotonic()
+    base = trained(a.domain, "base")
+    final = a.step or base["info"]["steps_trained"]
+    ev = Evaluator(a.domain)
+    rows = [ev.score(r) for r in plan(a.plan, a.domain, final)]
+    runs = {v: trained(a.domain, v) for v in {r["variant"] for r in rows}}
+    path = write_result(f"science-{a.plan}-{a.domain}", {
+        "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
+        "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
+        "generator_runs": {v: {"overrides": t["overrides"], "steps": t["info"]["steps_trained"],
+                               "seconds": t["info"]["seconds"], "images_per_second": t["info"]["images_per_second"],
+                               "snapshots": t["snapshots"], "ema_variants": t["ema_variants"],
+                               "preset": t["config"]["preset"], "resolution": t["config"]["resolution"],
+                               "lr_schedule": t["config"]["lr_schedule"], "ema_decay": t["config"]["ema_decay"]}
+                           for v, t in runs.items()},
+        "defaults": {"sampling": DEFAULT_SAMPLING, "recipe": DEFAULT_RECIPE},
+        "rows": rows, "minutes_total": round((time.monotonic() - t0) / 60, 1),
+    })
+    print(f"-> {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train one generator variant with snapshots")
+    t.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
+    t.add_argument("--variant", default="base", choices=sorted(VARIANTS))
+    t.add_argument("--steps", type=int, help="step budget")
+    t.add_argument("--minutes", type=float, help="wall-clock budget instead (equal compute across resolutions)")
+    t.add_argument("--snapshots", type=int, nargs="*", default=[])
+    t.add_argument("--ema-variants", type=float, nargs="*", default=[])
+    e = sub.add_parser("evaluate", help="score a plan's rows and write its result JSON")
+    e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
+    e.add_argument("--plan", default="curve", choices=["curve", "generator", "sampling", "classifier"])
+    e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
+    a = p.parse_args(argv)
+    if a.cmd == "evaluate":
+        cmd_evaluate(a)
+    elif a.cmd == "train":
+        if not a.steps and not a.minutes:
+            raise SystemExit("give --steps or --minutes")
+        cmd_train(a)
+
+
+if __name__ == "__main__":
+    main()
