@@ -396,6 +396,58 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+SCIENCE_PLANS = ("curve", "generator", "sampling", "classifier")
+
+
+def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
+    out = []
+    for r in d.get("rows") or []:
+        gen = f"{r.get('variant', '?')} @ {r.get('generator_steps', '?')}" + (
+            "" if r.get("ema") is None else f", EMA {r['ema']:g}" if r["ema"] else ", raw weights")
+        s, c = r.get("sampling") or {}, r.get("recipe") or {}
+        sampling = f"w={s.get('guidance', '?'):g}, {s.get('steps', '?')} steps, {s.get('per_class', '?')}/class"
+        ms = f"{_num(r.get('ms_ssim'), 2)} ({_num(r.get('real_ms_ssim'), 2)})"
+        tstr = r.get("tstr") or {}
+        out.append([r.get("lever", "?"), r.get("value", "?"), gen, sampling,
+                    f"{c.get('epochs', '?')} ep, aug {c.get('augmentation_strength', '?')}"
+                    + (f", mix {c.get('mixup'):g}/{c.get('cutmix'):g}" if c.get("mixup") or c.get("cutmix") else ""),
+                    _num(r.get("class_fidelity"), 2), _num(r.get("coverage"), 2), _num(r.get("recall"), 2),
+                    _num(r.get("fd"), 1), ms, f"{_num(tstr.get('accuracy'))}{_ci(tstr.get('accuracy_ci95'))}",
+                    _num((r.get("trtr") or {}).get("accuracy")), _ratio(r.get("tstr_over_trtr"), 2),
+                    _ratio(r.get("mixed_over_trtr"), 2), _mark(r.get("gate_passed"))])
+    return out
+
+
+def science_section(results: dict[str, dict]) -> list[str]:
+    """bench/science.py: scaling curves and levers, one row per configuration, diversity beside every row."""
+    names = [f"science-{plan}-{domain}" for plan in SCIENCE_PLANS for domain in STUDY_DOMAINS
+             if f"science-{plan}-{domain}" in results]
+    if not names:
+        return []
+    lines = ["### Closing the TSTR gap: scaling curves and levers (bench/science.py)", "",
+             "One `cpu-small` generator run per domain and variant at 32 px (constant LR after warm-up, so "
+             "a snapshot at N steps is what an N-step run gives); EfficientNet-Lite0 (offline ImageNet "
+             "weights, 96 px input) trained on the synthetic set and scored on the real 80% test split; TRTR = "
+             "the same recipe on the real 20%. Class fidelity: share of samples the real-trained judge assigns "
+             "to their own class; coverage/recall/FD in the judge's feature space against the real training "
+             "images; MS-SSIM within class (synthetic, real in brackets; higher = less diverse); gate = the "
+             "audit's copy gate.", ""]
+    if "science-curve-brain-mri" in results or "science-curve-all" in results:
+        lines += ["![Scaling curves](bench/results/science-curves.png)", ""]
+    header = ["lever", "value", "generator @ steps", "sampling", "classifier", "class fidelity", "coverage",
+              "recall", "FD", "MS-SSIM syn (real)", "TSTR acc. [95% CI]", "TRTR", "TSTR ÷ TRTR", "mixed ÷ TRTR",
+              "gate"]
+    for name in names:
+        d = results[name]
+        runs = d.get("generator_runs") or {}
+        budget = "; ".join(f"{v}: {r.get('steps', '?')} steps in {(r.get('seconds') or 0) / 60:.0f} min "
+                           f"({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px)" for v, r in runs.items())
+        lines += [f"**{d.get('domain', name)} — {d.get('plan', '?')}** ({budget})", ""]
+        lines += _table(header, _science_rows(d))
+        lines += ["", machine_line(d), ""]
+    return lines
+
+
 def cuda_section(d: dict[str, Any] | None) -> list[str]:
     """bench/cuda_check.py, run where a GPU is present: the CUDA path and its timings."""
     if not d:
@@ -500,6 +552,7 @@ def render_section(results: dict[str, dict]) -> str:
     lines += summary_section(results)
     lines += study_section(results)
     lines += fidelity_section(results)
+    lines += science_section(results)
     lines += levers_section(results)
     lines += sampling_section(results.get("sampling"))
     for name in sorted(k for k in results if k.startswith("sampling-")):

@@ -226,3 +226,29 @@ def test_runner_reports_failures_and_requires_a_fresh_result(tmp_path, monkeypat
     assert records["bad"]["ok"] is False and records["bad"]["status"] == "exit 3"
     assert records["absent"]["ok"] is None and records["absent"]["status"].startswith("skipped")
     assert "total" in runner.summary(list(records.values()), 0.5, 90.0)
+
+
+def science_row(lever: str, value, steps: int, tstr: float, mixed: float | None = None) -> dict:
+    return {"lever": lever, "value": value, "variant": "base", "step": steps, "ema": None, "generator_steps": steps,
+            "sampling": {"sampler": "dpmsolver++", "steps": 20, "guidance": 2.0, "per_class": 128},
+            "recipe": {"epochs": 6, "augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0},
+            "class_fidelity": 0.8, "coverage": 0.31, "recall": 0.4, "fd": 12.5, "ms_ssim": 0.35,
+            "real_ms_ssim": 0.22, "gate_passed": True,
+            "tstr": {"accuracy": tstr, "accuracy_ci95": [tstr - 0.01, tstr + 0.01]},
+            "trtr": {"accuracy": 0.88}, "tstr_over_trtr": tstr / 0.88,
+            "mixed_over_trtr": mixed}
+
+
+def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
+    curve = {"benchmark": "science-curve-brain-mri", "date": "2026-12-02", "machine": MACHINE, "domain": "brain-mri",
+             "plan": "curve", "seed": 0,
+             "generator_runs": {"base": {"steps": 1200, "seconds": 1500, "lr_schedule": "constant_with_warmup",
+                                         "resolution": 32}},
+             "rows": [science_row("generator steps", 300, 300, 0.5),
+                      science_row("generator steps", 1200, 1200, 0.7, 1.01)]}
+    out = render_section({"science-curve-brain-mri": curve})
+    assert "**brain-mri — curve** (base: 1200 steps in 25 min (constant_with_warmup, 32 px))" in out
+    assert "| generator steps | 1200 | base @ 1200 | w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 | 0.31 |" in out
+    assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | 0.880 | 0.80× | 1.01× | ✅ |" in out
+    assert "science-curves.png" in out
+    assert "science" not in render_section({})
