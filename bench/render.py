@@ -422,6 +422,7 @@ def science_section(results: dict[str, dict]) -> list[str]:
     """bench/science.py: scaling curves and levers, one row per configuration, diversity beside every row."""
     names = [f"science-{plan}-{domain}" for plan in SCIENCE_PLANS for domain in STUDY_DOMAINS
              if f"science-{plan}-{domain}" in results]
+    names += sorted(k for k in results if k.startswith("science-") and k not in names and "rows" in results[k])
     if not names:
         return []
     lines = ["### Closing the TSTR gap: scaling curves and levers (bench/science.py)", "",

@@ -38,10 +38,12 @@ RESOLUTION = 32
 
 # generator variants: overrides of the `cpu-small` preset (and a resolution); `base` is the curve's recipe
 VARIANTS: dict[str, dict[str, Any]] = {
-    "base": {"lr_schedule": "constant_with_warmup"},
-    "cosine": {"lr_schedule": "cosine"},
-    "augment": {"lr_schedule": "constant_with_warmup", "augment_strength": 1.0},
-    "px64": {"lr_schedule": "constant_with_warmup", "resolution": 64},
+    "base": {"preset": "cpu-study"},  # = cpu-small with a constant LR after warm-up
+    "cosine": {"preset": "cpu-small", "lr_schedule": "cosine"},
+    "augment": {"preset": "cpu-study", "augment_strength": 1.0},
+    "px64": {"preset": "cpu-study", "resolution": 64},
+    # GPU scale (the device machine): the study preset at 64 px; budgets in README ("GPU scale")
+    "gpu64": {"preset": "gpu-base", "lr_schedule": "constant_with_warmup", "resolution": 64},
 }
 
 
@@ -74,13 +76,14 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     overrides = dict(VARIANTS[a.variant])
     resolution = overrides.pop("resolution", RESOLUTION)
+    preset = overrides.pop("preset", "cpu-small")
     exp = experiment(a.domain, resolution)
     prefix = generator_prefix(exp, a.variant)
     record = WORK / a.domain / f"train-{a.variant}.json"
     if exp.store.exists(f"{model_prefix(prefix)}/{GENERATOR_JSON}") and record.exists():
         print(f"[science] {a.domain}/{a.variant} already trained: {record}")
         return
-    config = create_generator_config("cpu-small", exp.domain, resolution, **overrides)
+    config = create_generator_config(preset, exp.domain, resolution, **overrides)
     t0 = time.monotonic()
     last = [t0]
 
@@ -124,35 +127,40 @@ def row(lever: str, value: Any, variant: str = "base", step: int | None = None, 
             "sampling": sampling, "recipe": recipe, "mixed": mixed}
 
 
-def plan(name: str, domain: str, final: int) -> list[dict[str, Any]]:
+def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict[str, Any]]:
     """The rows of a plan; ``final`` is the base run's last step (the curve's end, the levers' generator)."""
     if name == "curve":
-        steps = [s for s in trained(domain, "base")["snapshots"] if s <= final]
-        rows = [row("generator steps", s, step=s, mixed=s == final) for s in steps]
-        base = trained(domain, "base")
+        base = trained(domain, variant)
+        steps = [s for s in base["snapshots"] if s <= final]
+        rows = [row("generator steps", s, variant=variant, step=s, mixed=s == final) for s in steps]
         # an extra EMA restarts when a run resumes, so after a resume only the raw weights (0) compare fairly
         decays = [d for d in base["ema_variants"] if d == 0 or base["info"]["resumed_from_step"] is None]
-        rows += [row("EMA decay", d, step=final, ema=d) for d in decays]
+        rows += [row("EMA decay", d, variant=variant, step=final, ema=d) for d in decays]
         return rows
     if name == "generator":  # generator-side levers at a short, equal budget against base at that step
         short = trained(domain, "cosine")["info"]["steps_trained"]
-        return [row("generator recipe", "constant LR (base)", step=short),
-                row("generator recipe", "cosine LR", variant="cosine"),
-                row("generator recipe", "affine+intensity augmentation", variant="augment"),
-                row("generator recipe", "64 px, equal wall-clock", variant="px64")]
+        levers = [("cosine", "cosine LR"), ("augment", "affine+intensity augmentation"),
+                  ("px64", "64 px, equal wall-clock")]
+        return [row("generator recipe", "constant LR (base)", step=short)] + [
+            row("generator recipe", label, variant=v) for v, label in levers
+            if (WORK / domain / f"train-{v}.json").exists()]
     if name == "sampling":
-        return [row("guidance", g, step=final, guidance=g) for g in (0.0, 1.0, 2.0, 4.0)] + [
-            row("guidance + set size", "w=1, 384/class", step=final, guidance=1.0, per_class=384),
-            row("sampler steps", 10, step=final, steps=10),
-        ]
+        # most informative first: `evaluate --first N` scores a prefix when time is short
+        return [row("sampler", "dpmsolver++ (ODE)", step=final),
+                row("sampler", "dpmsolver++-sde", step=final, sampler="dpmsolver++-sde"),
+                row("guidance", 1.0, step=final, guidance=1.0),
+                row("sampler steps", 10, step=final, steps=10),
+                row("guidance", 4.0, step=final, guidance=4.0),
+                row("guidance", 0.0, step=final, guidance=0.0),
+                row("guidance + set size", "w=1, 384/class", step=final, guidance=1.0, per_class=384)]
     if name == "classifier":
         return [row("classifier recipe", "default (6 epochs)", step=final),
-                row("classifier recipe", "15 epochs", step=final, epochs=15),
-                row("classifier recipe", "no affine/intensity aug", step=final, augmentation_strength=0.0),
-                row("classifier recipe", "aug x2", step=final, augmentation_strength=2.0),
                 row("classifier recipe", "mixup 0.2 + cutmix 1.0", step=final, mixup=0.2, cutmix=1.0),
+                row("classifier recipe", "15 epochs", step=final, epochs=15),
                 row("classifier recipe", "15 epochs + aug x2 + mixup/cutmix", step=final, epochs=15,
-                    augmentation_strength=2.0, mixup=0.2, cutmix=1.0)]
+                    augmentation_strength=2.0, mixup=0.2, cutmix=1.0),
+                row("classifier recipe", "aug x2", step=final, augmentation_strength=2.0),
+                row("classifier recipe", "no affine/intensity aug", step=final, augmentation_strength=0.0)]
     raise SystemExit(f"unknown plan {name!r}")
 
 
@@ -161,6 +169,9 @@ def trained(domain: str, variant: str) -> dict[str, Any]:
     if not record.exists():
         raise SystemExit(f"{domain}/{variant} is not trained yet: run `bench/science.py train` first")
     return json.loads(record.read_text())
+
+
+LABELS = ("lever", "value")
 
 
 def key_of(obj: Any) -> str:
@@ -193,6 +204,13 @@ class Evaluator:
             self.judges[resolution] = load_classifier(exp.paths.classifier(ARCH, "real"), exp.store,
                                                       exp.settings).optimize_for_inference()
         return self.judges[resolution]
+
+    def real_baseline(self, resolution: int) -> dict[str, Any]:
+        """TRTR with the default recipe: the judge itself (the experiment's real-data classifier stage)."""
+        self.judge(resolution)
+        done = self.exp(resolution).train_one(ARCH, "real")
+        return {k: done.get(k) for k in ("accuracy", "accuracy_ci95", "balanced_accuracy", "balanced_accuracy_ci95",
+                                         "macro_f1", "n_train", "best_epoch", "pretrained")}
 
     def classifier(self, resolution: int, recipe: dict[str, Any], synthetic=None, real: bool = True):
         """Train Lite0 with ``recipe`` on real, synthetic or both; score it on the real test split (cached)."""
@@ -243,9 +261,12 @@ class Evaluator:
         return ds, gen, time.monotonic() - t0, resolution
 
     def score(self, r: dict[str, Any]) -> dict[str, Any]:
-        cache = WORK / self.domain / "rows" / f"{key_of(r)}.json"
-        if cache.exists():
-            return json.loads(cache.read_text())
+        # the cache key is the configuration, not its label: the same row in two plans is scored once
+        cache = WORK / self.domain / "rows" / f"{key_of({k: v for k, v in r.items() if k not in LABELS})}.json"
+        labelled = WORK / self.domain / "rows" / f"{key_of(r)}.json"  # rows scored before labels left the key
+        for found in (cache, labelled):
+            if found.exists():
+                return {**json.loads(found.read_text()), **{k: r[k] for k in LABELS}}
         from meddiffuse.quality.audit import run_audit
         from meddiffuse.quality.class_fidelity import class_fidelity
         from meddiffuse.quality.features import classifier_extractor
@@ -262,7 +283,8 @@ class Evaluator:
                          "ms_ssim": sec.diversity.synthetic_ms_ssim, "real_ms_ssim": sec.diversity.real_ms_ssim,
                          "class_fidelity": fid.per_class_fidelity.get(c)}
                      for c, sec in audit.per_class.items()}
-        trtr = self.classifier(resolution, r["recipe"])
+        trtr = self.real_baseline(resolution) if r["recipe"] == DEFAULT_RECIPE else self.classifier(resolution,
+                                                                                                     r["recipe"])
         tstr = self.classifier(resolution, r["recipe"], synthetic=ds, real=False)
         mixed = self.classifier(resolution, r["recipe"], synthetic=ds, real=True) if r["mixed"] else None
         out = {**r, "resolution": resolution, "generator_steps": gen.meta.steps_trained,
@@ -293,12 +315,14 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         for step in a.snapshots:
             ev.score(row("generator steps", step, step=step))
         return
-    base = trained(a.domain, "base")
+    variant = getattr(a, "variant", "base")
+    base = trained(a.domain, variant)
     final = a.step or base["info"]["steps_trained"]
     ev = Evaluator(a.domain)
-    rows = [ev.score(r) for r in plan(a.plan, a.domain, final)]
+    rows = [ev.score(r) for r in plan(a.plan, a.domain, final, variant)[:getattr(a, "first", None)]]
     runs = {v: trained(a.domain, v) for v in {r["variant"] for r in rows}}
-    path = write_result(f"science-{a.plan}-{a.domain}", {
+    name = a.plan if variant == "base" else f"{a.plan}-{variant}"
+    path = write_result(f"science-{name}-{a.domain}", {
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
         "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
         "generator_runs": {v: {"overrides": t["overrides"], "steps": t["info"]["steps_trained"],
@@ -370,9 +394,21 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--plan", default="curve", choices=["curve", "generator", "sampling", "classifier"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
+    e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")
+    e.add_argument("--first", type=int, help="score only the plan's first N rows (they come most informative first)")
     sub.add_parser("plot", help="draw bench/results/science-curves.png from the curve results")
+    r = sub.add_parser("run", help="train the base run, evaluate its curve, plot (what `make bench-full` runs)")
+    r.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
+    r.add_argument("--steps", type=int, required=True)
+    r.add_argument("--snapshots", type=int, nargs="*", default=[])
+    r.add_argument("--variant", default="base", choices=sorted(VARIANTS))
     a = p.parse_args(argv)
-    if a.cmd == "plot":
+    if a.cmd == "run":
+        cmd_train(argparse.Namespace(domain=a.domain, variant=a.variant, steps=a.steps, minutes=None,
+                                     snapshots=a.snapshots, ema_variants=[0.0]))
+        cmd_evaluate(argparse.Namespace(domain=a.domain, plan="curve", step=None, snapshots=None, variant=a.variant))
+        cmd_plot(a)
+    elif a.cmd == "plot":
         cmd_plot(a)
     elif a.cmd == "evaluate":
         cmd_evaluate(a)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +52,28 @@ class S3Config(BaseModel):
     verify_tls: bool = Field(True, description="Check the server certificate when `secure` is on.")
 
 
+# Named study recipes (`meddiffuse experiment --recipe NAME`): a recipe is a set of ExperimentConfig values.
+# `cpu-study` is the default (the fields below take their defaults from it); bench/science.py measured it
+# (README, "Closing the TSTR gap"). `gpu-study` is the same protocol at GPU scale, not yet run on a GPU.
+CPU_STUDY: dict[str, Any] = {
+    "generator_preset": "cpu-study",  # cpu-small's UNet, constant LR after warm-up + EMA: any budget, resumable
+    "generator_steps": 1200,  # ~25 min on 2 CPU cores at 32 px
+    "sampler": "dpmsolver++",
+    "guidance": 2.0,
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    "cpu-study": CPU_STUDY,
+    "gpu-study": {**CPU_STUDY, "generator_preset": "gpu-base", "generator_steps": 20_000, "resolution": 64},
+}
+
+
+def recipe_values(name: str) -> dict[str, Any]:
+    """The ExperimentConfig values of recipe ``name`` (ValueError naming the known recipes)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return dict(RECIPES[name])
+
+
 class Seeded(BaseModel):
     seed: int = Field(DEFAULT_SEED, ge=0)
 
@@ -60,8 +82,8 @@ class GeneratorRecipe(Seeded):
     """How a generator is trained: preset and budget. Steps make a run reproducible on any machine;
     minutes are only an optional cap (a busy machine then trains fewer steps)."""
 
-    generator_preset: str = "cpu-small"
-    generator_steps: int | None = Field(700, ge=1, description="Training steps (the budget).")
+    generator_preset: str = CPU_STUDY["generator_preset"]
+    generator_steps: int | None = Field(CPU_STUDY["generator_steps"], ge=1, description="Training steps (the budget).")
     generator_minutes: float | None = Field(None, gt=0, description="Optional wall-clock cap.")
     checkpoint_every: int = Field(200, ge=1)
 
@@ -69,9 +91,9 @@ class GeneratorRecipe(Seeded):
 class SamplingRecipe(Seeded):
     """How images are drawn from a generator (the one source of the sampling defaults)."""
 
-    sampler: str = "dpmsolver++"
+    sampler: str = CPU_STUDY["sampler"]
     sampling_steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(2.0, ge=0, le=20)
+    guidance: float = Field(CPU_STUDY["guidance"], ge=0, le=20)
 
 
 class ClassifierRecipe(Seeded):
@@ -86,6 +108,9 @@ class ClassifierRecipe(Seeded):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the training images held out to pick "
                                 "the best epoch; 0 = train on all and keep the last epoch.")
     early_stopping_patience: int | None = Field(4, ge=1)
+    augmentation_strength: float = Field(1.0, ge=0, le=3, description="Affine/intensity augmentation (0 = flips only).")
+    mixup: float = Field(0.0, ge=0, description="timm Mixup alpha (0 = off).")
+    cutmix: float = Field(0.0, ge=0, description="timm CutMix alpha (0 = off).")
     bootstrap: int = Field(1000, ge=0)
 
 

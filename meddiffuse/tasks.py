@@ -45,9 +45,16 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "task.json"  # the commit point of a train-and-register task under its prefix
 
 
+# spec fields added after records were fingerprinted, with the value they had implicitly before
+ADDED_FIELDS: dict[str, Any] = {"augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0}
+
+
 def fingerprint(spec: BaseModel, *, exclude: set[str] | None = None, extra: dict[str, Any] | None = None) -> str:
     """A short content hash of what determines a task's result (``alias`` and ``prefix`` do not)."""
     payload = spec.model_dump(mode="json", exclude=(exclude or set()) | {"alias", "prefix", "register_model"})
+    for name, default in ADDED_FIELDS.items():  # an older record keeps matching the spec it was made from
+        if name in payload and payload[name] == default:
+            payload.pop(name)
     raw = json.dumps({"spec": payload, **(extra or {})}, sort_keys=True).encode()
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -143,7 +150,8 @@ def train_and_register_classifier(
         train = train_classifier(
             clf, [(ds, "train") for ds in train_sets], domain=domain, epochs=spec.epochs,
             batch_size=spec.batch_size, lr=spec.lr, balanced=spec.balanced, val_fraction=spec.val_fraction,
-            early_stopping_patience=spec.early_stopping_patience, seed=spec.seed, progress=progress,
+            early_stopping_patience=spec.early_stopping_patience, augmentation_strength=spec.augmentation_strength,
+            mixup=spec.mixup, cutmix=spec.cutmix, seed=spec.seed, progress=progress,
         )
         result = evaluate(clf, test_set, "test", bootstrap=spec.bootstrap, seed=spec.seed)
         row = {

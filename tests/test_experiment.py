@@ -149,3 +149,33 @@ def test_cpu_pair_experiment_registers_pretrained_and_scratch_classifiers(settin
     assert set(versions) == {"efficientnet_lite0", "resnet18"}
     scratch = load_classifier(rows["resnet18"]["model_uri"], settings=settings)
     assert scratch.input_size is None and scratch.resolution == 32
+
+
+def test_the_default_experiment_is_the_cpu_study_recipe_and_recipes_are_named():
+    from meddiffuse.config import RECIPES, recipe_values
+    from meddiffuse.domains import get_domain
+    from meddiffuse.generate import create_generator_config
+
+    default = ExperimentConfig()
+    assert {k: getattr(default, k) for k in RECIPES["cpu-study"]} == RECIPES["cpu-study"]
+    gpu = ExperimentConfig(**recipe_values("gpu-study"))
+    assert gpu.generator_preset == "gpu-base" and gpu.resolution == 64 and gpu.generator_steps > default.generator_steps
+    with pytest.raises(ValueError, match="cpu-study"):
+        recipe_values("fast")
+    # the recipe's generator is cpu-small's UNet on a constant LR: the scaling curve's snapshots are its runs
+    brain = get_domain("brain-mri")
+    study = create_generator_config("cpu-study", brain, 32)
+    assert study.lr_schedule == "constant_with_warmup"
+    assert study.fingerprint() == create_generator_config("cpu-small", brain, 32,
+                                                          lr_schedule="constant_with_warmup").fingerprint()
+
+
+def test_cli_refuses_an_unknown_recipe_in_one_line():
+    from typer.testing import CliRunner
+
+    from meddiffuse.cli import app
+
+    result = CliRunner().invoke(app, ["experiment", "--domain", "brain-mri", "--recipe", "fast"])
+    assert result.exit_code != 0
+    assert "unknown recipe 'fast'" in result.output and "cpu-study" in result.output
+    assert "Traceback" not in result.output

@@ -9,7 +9,7 @@ import typer
 
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.cli.tables import results_table
-from meddiffuse.config import ExperimentConfig, Settings
+from meddiffuse.config import ExperimentConfig, Settings, recipe_values
 
 
 @app.command("experiment")
@@ -20,10 +20,12 @@ def experiment_cmd(
         Path | None, typer.Option(help="Separate real test folder (then --data is all train)")
     ] = None,
     archs: Annotated[list[str] | None, typer.Option("--archs", help="timm architectures (repeatable)")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Named recipe: cpu-study (the defaults) | gpu-study; "
+                                                    "other options override it")] = None,
     preset: Annotated[str | None, typer.Option(help="Architecture preset, e.g. study8, cpu-pair")] = None,
     synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | gpu-base")] = None,
-    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 700): the same "
+    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 1200): the same "
                                                              "result on any machine")] = None,
     generator_minutes: Annotated[float | None, typer.Option(help="Optional wall-clock cap on the generator "
                                                                  "(a busy machine then trains fewer steps)")] = None,
@@ -52,6 +54,8 @@ def experiment_cmd(
     if filter_synthetic:
         overrides["filter_synthetic"] = True
     try:
+        if recipe:
+            overrides = recipe_values(recipe) | overrides
         if preset:
             overrides["archs"] = resolve_architectures(preset)
         if archs:

@@ -152,6 +152,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# the study's CPU generator (bench/science.py): cpu-small's UNet with a constant LR after warm-up, so the EMA
+# model at any step is what a run of that budget gives, and a finished run can be extended by resuming it
+PRESETS["cpu-study"] = {**PRESETS["cpu-small"], "lr_schedule": "constant_with_warmup"}
+
+
 def list_presets() -> list[str]:
     return list(PRESETS)
 
