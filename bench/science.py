@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import real_data, write_result  # noqa: E402
 
-WORK = Path(os.environ.get("MEDDIFFUSE_SCIENCE_WORK", Path(__file__).resolve().parents[2] / "science-work"))  # not git
+# generators, snapshots, synthetic sets and scored rows (git-ignored); MEDDIFFUSE_SCIENCE_WORK moves it
+WORK = Path(os.environ.get("MEDDIFFUSE_SCIENCE_WORK", Path(__file__).resolve().parents[1] / ".meddiffuse" / "science"))
 ARCH = "efficientnet_lite0"
 RESOLUTION = 32
 
