@@ -309,6 +309,25 @@ class Evaluator:
         return out
 
 
+def write_grids(ev: Evaluator, rows: list[dict[str, Any]]) -> None:
+    """Sample grids of each curve row's synthetic set: beside real test examples in the working folder (real
+    images never enter the repository), and synthetic only for the first and last step in bench/results."""
+    from bench.common import RESULTS
+    from meddiffuse.generate import sample_grid_png
+
+    for i, r in enumerate(rows):
+        ds, _, _, resolution = ev.synthetic(r)
+        exp = ev.exp(resolution)
+        target = WORK / ev.domain / "grids" / f"{ev.domain}-{r['variant']}-{r['generator_steps']}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(sample_grid_png(ds, exp.real, 8))
+        r["grid_with_real"] = str(target)
+        if i in (0, len(rows) - 1):
+            committed = RESULTS / f"science-samples-{ev.domain}-{r['variant']}-{r['generator_steps']}.png"
+            committed.write_bytes(sample_grid_png(ds, None, 8))
+            r["grid"] = str(committed.relative_to(RESULTS.parents[1]))
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     t0 = time.monotonic()
     if a.snapshots:  # score a running base run's snapshots early (cached for the full evaluation later)
@@ -322,6 +341,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     ev = Evaluator(a.domain)
     rows = [ev.score(r) for r in plan(a.plan, a.domain, final, variant)[:getattr(a, "first", None)]]
     runs = {v: trained(a.domain, v) for v in {r["variant"] for r in rows}}
+    if a.plan == "curve":
+        write_grids(ev, [r for r in rows if r["lever"] == "generator steps"])
     name = a.plan if variant == "base" else f"{a.plan}-{variant}"
     path = write_result(f"science-{name}-{a.domain}", {
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
