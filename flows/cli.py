@@ -66,7 +66,7 @@ def study_cmd(
     data: Annotated[Path | None, typer.Option(help="Raw ImageFolder (one domain); omitted = phantoms.")] = None,
     archs: Annotated[list[str] | None, typer.Option("--archs", help="timm architectures (repeatable).")] = None,
     train_data: Annotated[list[str] | None, typer.Option("--train-data", help="real | synthetic | mixed.")] = None,
-    generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | gpu-base")] = None,
+    generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
     generator_steps: Annotated[int | None, typer.Option(help="Generator step budget.")] = None,
     resolution: Annotated[int | None, typer.Option(help="Dataset/generator resolution.")] = None,
     phantoms_per_class: Annotated[int | None, typer.Option(help="Phantoms per class when --data is omitted.")] = None,

@@ -37,7 +37,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 def train_generator_cmd(
     domain: DomainOpt,
     dataset: Annotated[str, typer.Option("--dataset", help="Store prefix of a real Dataset (its train split).")],
-    preset: Annotated[str, typer.Option(help="tiny | cpu-small | gpu-base")] = "cpu-small",
+    preset: Annotated[str, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = "cpu-study",
     resolution: Annotated[int | None, typer.Option(help="Generator resolution (default: the preset's).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Stop after this many steps in total.")] = None,
     minutes: Annotated[float | None, typer.Option("--minutes", help="Stop after this wall-clock time.")] = None,

@@ -24,7 +24,7 @@ def experiment_cmd(
                                                     "other options override it")] = None,
     preset: Annotated[str | None, typer.Option(help="Architecture preset, e.g. study8, cpu-pair")] = None,
     synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set")] = None,
-    generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | gpu-base")] = None,
+    generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
     generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 1200): the same "
                                                              "result on any machine")] = None,
     generator_minutes: Annotated[float | None, typer.Option(help="Optional wall-clock cap on the generator "
