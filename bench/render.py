@@ -407,11 +407,13 @@ def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
         s, c = r.get("sampling") or {}, r.get("recipe") or {}
         sampling = f"w={s.get('guidance', '?'):g}, {s.get('steps', '?')} steps, {s.get('per_class', '?')}/class"
         ms = f"{_num(r.get('ms_ssim'), 2)} ({_num(r.get('real_ms_ssim'), 2)})"
+        per_class = r.get("per_class") or {}
+        class_cov = " / ".join(_num((v or {}).get("coverage"), 2) for v in per_class.values()) or "—"
         tstr = r.get("tstr") or {}
         out.append([r.get("lever", "?"), r.get("value", "?"), gen, sampling,
                     f"{c.get('epochs', '?')} ep, aug {c.get('augmentation_strength', '?')}"
                     + (f", mix {c.get('mixup'):g}/{c.get('cutmix'):g}" if c.get("mixup") or c.get("cutmix") else ""),
-                    _num(r.get("class_fidelity"), 2), _num(r.get("coverage"), 2), _num(r.get("recall"), 2),
+                    _num(r.get("class_fidelity"), 2), _num(r.get("coverage"), 2), class_cov, _num(r.get("recall"), 2),
                     _num(r.get("fd"), 1), ms, f"{_num(tstr.get('accuracy'))}{_ci(tstr.get('accuracy_ci95'))}",
                     _num((r.get("trtr") or {}).get("accuracy")), _ratio(r.get("tstr_over_trtr"), 2),
                     _ratio(r.get("mixed_over_trtr"), 2), _mark(r.get("gate_passed"))])
@@ -436,14 +438,17 @@ def science_section(results: dict[str, dict]) -> list[str]:
     if "science-curve-brain-mri" in results or "science-curve-all" in results:
         lines += ["![Scaling curves](bench/results/science-curves.png)", ""]
     header = ["lever", "value", "generator @ steps", "sampling", "classifier", "class fidelity", "coverage",
-              "recall", "FD", "MS-SSIM syn (real)", "TSTR acc. [95% CI]", "TRTR", "TSTR ÷ TRTR", "mixed ÷ TRTR",
-              "gate"]
+              "coverage per class", "recall", "FD", "MS-SSIM syn (real)", "TSTR acc. [95% CI]", "TRTR", "TSTR ÷ TRTR",
+              "mixed ÷ TRTR", "gate"]
     for name in names:
         d = results[name]
         runs = d.get("generator_runs") or {}
         budget = "; ".join(f"{v}: {r.get('steps', '?')} steps in {(r.get('seconds') or 0) / 60:.0f} min "
                            f"({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px)" for v, r in runs.items())
-        lines += [f"**{d.get('domain', name)} — {d.get('plan', '?')}** ({budget})", ""]
+        first = next(iter(d.get("rows") or [{}]))
+        classes = " / ".join(first.get("per_class") or {}) or "?"
+        lines += [f"**{d.get('domain', name)} — {d.get('plan', '?')}** ({budget}; classes in per-class columns: "
+                  f"{classes})", ""]
         lines += _table(header, _science_rows(d))
         lines += ["", machine_line(d), ""]
     return lines

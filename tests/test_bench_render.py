@@ -234,6 +234,7 @@ def science_row(lever: str, value, steps: int, tstr: float, mixed: float | None 
             "recipe": {"epochs": 6, "augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0},
             "class_fidelity": 0.8, "coverage": 0.31, "recall": 0.4, "fd": 12.5, "ms_ssim": 0.35,
             "real_ms_ssim": 0.22, "gate_passed": True,
+            "per_class": {"a": {"coverage": 0.1}, "b": {"coverage": 0.52}},
             "tstr": {"accuracy": tstr, "accuracy_ci95": [tstr - 0.01, tstr + 0.01]},
             "trtr": {"accuracy": 0.88}, "tstr_over_trtr": tstr / 0.88,
             "mixed_over_trtr": mixed}
@@ -247,8 +248,10 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
              "rows": [science_row("generator steps", 300, 300, 0.5),
                       science_row("generator steps", 1200, 1200, 0.7, 1.01)]}
     out = render_section({"science-curve-brain-mri": curve})
-    assert "**brain-mri — curve** (base: 1200 steps in 25 min (constant_with_warmup, 32 px))" in out
-    assert "| generator steps | 1200 | base @ 1200 | w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 | 0.31 |" in out
+    assert ("**brain-mri — curve** (base: 1200 steps in 25 min (constant_with_warmup, 32 px); classes in "
+            "per-class columns: a / b)") in out
+    assert ("| generator steps | 1200 | base @ 1200 | w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 | 0.31 | "
+            "0.10 / 0.52 | 0.40 |") in out
     assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | 0.880 | 0.80× | 1.01× | ✅ |" in out
     assert "science-curves.png" in out
     assert "science" not in render_section({})
