@@ -154,9 +154,9 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         return [row("sampler", "dpmsolver++ (ODE)", step=final),
                 row("sampler", "dpmsolver++-sde", step=final, sampler="dpmsolver++-sde"),
                 row("guidance", 1.0, step=final, guidance=1.0),
+                row("guidance", 0.0, step=final, guidance=0.0),
                 row("sampler steps", 10, step=final, steps=10),
                 row("guidance", 4.0, step=final, guidance=4.0),
-                row("guidance", 0.0, step=final, guidance=0.0),
                 row("guidance + set size", "w=1, 384/class", step=final, guidance=1.0, per_class=384)]
     if name == "classifier":
         return [row("classifier recipe", "default (6 epochs)", step=final),
