@@ -443,8 +443,9 @@ def science_section(results: dict[str, dict]) -> list[str]:
     for name in names:
         d = results[name]
         runs = d.get("generator_runs") or {}
-        budget = "; ".join(f"{v}: {r.get('steps', '?')} steps in {(r.get('seconds') or 0) / 60:.0f} min "
-                           f"({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px)" for v, r in runs.items())
+        budget = "; ".join(f"{v}: {r.get('steps', '?')} steps, {_num(r.get('seconds_per_step'), 2)} s/step"
+                           + (f" at {r['torch_threads']} thread(s)" if r.get("torch_threads") else "")
+                           + f" ({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px)" for v, r in runs.items())
         first = next(iter(d.get("rows") or [{}]))
         classes = " / ".join(first.get("per_class") or {}) or "?"
         lines += [f"**{d.get('domain', name)} — {d.get('plan', '?')}** ({budget}; classes in per-class columns: "

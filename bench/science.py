@@ -74,6 +74,8 @@ def generator_prefix(exp, variant: str) -> str:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    import torch
+
     from meddiffuse.generate import create_generator_config, train_generator
     from meddiffuse.generate.artifact import model_prefix
     from meddiffuse.generate.checkpoint import latest_checkpoint
@@ -108,7 +110,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     payload = {"domain": a.domain, "variant": a.variant, "overrides": VARIANTS[a.variant],
                "config": config.model_dump(mode="json"), "snapshots": sorted(set(a.snapshots) | {info.steps_trained}),
                "ema_variants": a.ema_variants, "info": info.model_dump(mode="json", exclude={"loss_history"}),
-               "loss_history": info.loss_history[::5], "wall_seconds": round(time.monotonic() - t0, 1)}
+               "loss_history": info.loss_history[::5], "wall_seconds": round(time.monotonic() - t0, 1),
+               "torch_threads": torch.get_num_threads()}
     tmp = record.with_suffix(".part")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(record)
@@ -352,7 +355,12 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
         "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
         "generator_runs": {v: {"overrides": t["overrides"], "steps": t["info"]["steps_trained"],
+                               # seconds and speed of the last session (a resumed run's first part is not in it)
                                "seconds": t["info"]["seconds"], "images_per_second": t["info"]["images_per_second"],
+                               "resumed_from_step": t["info"]["resumed_from_step"],
+                               "seconds_per_step": round(t["info"]["seconds"] / max(1, t["info"]["steps_trained"] - (
+                                   t["info"]["resumed_from_step"] or 0)), 2),
+                               "torch_threads": t.get("torch_threads"),
                                "snapshots": t["snapshots"], "ema_variants": t["ema_variants"],
                                "preset": t["config"]["preset"], "resolution": t["config"]["resolution"],
                                "lr_schedule": t["config"]["lr_schedule"], "ema_decay": t["config"]["ema_decay"]}

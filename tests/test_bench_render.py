@@ -243,13 +243,13 @@ def science_row(lever: str, value, steps: int, tstr: float, mixed: float | None 
 def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
     curve = {"benchmark": "science-curve-brain-mri", "date": "2026-12-02", "machine": MACHINE, "domain": "brain-mri",
              "plan": "curve", "seed": 0,
-             "generator_runs": {"base": {"steps": 1200, "seconds": 1500, "lr_schedule": "constant_with_warmup",
-                                         "resolution": 32}},
+             "generator_runs": {"base": {"steps": 1200, "seconds_per_step": 1.25, "torch_threads": 2,
+                                         "lr_schedule": "constant_with_warmup", "resolution": 32}},
              "rows": [science_row("generator steps", 300, 300, 0.5),
                       science_row("generator steps", 1200, 1200, 0.7, 1.01)]}
     out = render_section({"science-curve-brain-mri": curve})
-    assert ("**brain-mri — curve** (base: 1200 steps in 25 min (constant_with_warmup, 32 px); classes in "
-            "per-class columns: a / b)") in out
+    assert ("**brain-mri — curve** (base: 1200 steps, 1.25 s/step at 2 thread(s) (constant_with_warmup, 32 px); "
+            "classes in per-class columns: a / b)") in out
     assert ("| generator steps | 1200 | base @ 1200 | w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 | 0.31 | "
             "0.10 / 0.52 | 0.40 |") in out
     assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | 0.880 | 0.80× | 1.01× | ✅ |" in out
