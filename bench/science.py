@@ -398,7 +398,7 @@ def cmd_plot(_: argparse.Namespace) -> None:
             ax.plot(steps, [r[key] for r in rows], marker="o", label=domain)
     for ax, (_key, title) in zip(axes, metrics, strict=True):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("generator training steps (cpu-small, 32 px, batch 64)")
+        ax.set_xlabel("generator training steps (cpu-study, 32 px, batch 64)")
         ax.grid(alpha=0.3)
     axes[0].axhline(0.9, color="grey", linestyle="--", linewidth=1, label="goal 0.9")
     axes[0].legend(fontsize=8)
