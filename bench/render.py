@@ -429,9 +429,9 @@ def science_section(results: dict[str, dict]) -> list[str]:
         return []
     lines = ["### Closing the TSTR gap: scaling curves and levers (bench/science.py)", "",
              "One generator run per domain and variant at 32 px (`cpu-study`: `cpu-small` with a constant LR "
-             "after warm-up, so a snapshot at N steps is what an N-step run gives); EfficientNet-Lite0 (offline ImageNet "
-             "weights, 96 px input) trained on the synthetic set and scored on the real 80% test split; TRTR = "
-             "the same recipe on the real 20%. Class fidelity: share of samples the real-trained judge assigns "
+             "after warm-up, so a snapshot at N steps is what an N-step run gives); EfficientNet-Lite0 (offline "
+             "ImageNet weights, 96 px input) trained on the synthetic set and scored on the real 80% test split; "
+             "TRTR = the same recipe on the real 20%. Class fidelity: share of samples the real-trained judge assigns "
              "to their own class; coverage/recall/FD in the judge's feature space against the real training "
              "images; MS-SSIM within class (synthetic, real in brackets; higher = less diverse); gate = the "
              "audit's copy gate.", ""]
