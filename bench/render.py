@@ -396,7 +396,7 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("curve", "generator", "sampling", "classifier")
+SCIENCE_PLANS = ("curve", "recipe", "sampling", "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:

@@ -122,6 +122,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 # A row: which generator (variant, snapshot step, EMA), how it is sampled, how the classifier is trained.
 DEFAULT_SAMPLING = {"sampler": "dpmsolver++", "steps": 20, "guidance": 2.0, "per_class": 128}
 DEFAULT_RECIPE = {"epochs": 6, "augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0, "lr": 1e-3}
+BEST_CLASSIFIER: dict[str, Any] = {}  # the classifier plan's winner on brain-mri (changes to DEFAULT_RECIPE)
 
 
 def row(lever: str, value: Any, variant: str = "base", step: int | None = None, ema: float | None = None,
@@ -169,6 +170,11 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                 row("classifier recipe", "15 epochs", step=final, epochs=15),
                 row("classifier recipe", "aug x2", step=final, augmentation_strength=2.0),
                 row("classifier recipe", "no affine/intensity aug", step=final, augmentation_strength=0.0)]
+    if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
+        from meddiffuse.config import CPU_STUDY
+
+        return [row("recipe", "cpu-study", step=final, mixed=True, sampler=CPU_STUDY["sampler"],
+                    guidance=CPU_STUDY["guidance"], **BEST_CLASSIFIER)]
     raise SystemExit(f"unknown plan {name!r}")
 
 
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--ema-variants", type=float, nargs="*", default=[])
     e = sub.add_parser("evaluate", help="score a plan's rows and write its result JSON")
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
-    e.add_argument("--plan", default="curve", choices=["curve", "generator", "sampling", "classifier"])
+    e.add_argument("--plan", default="curve", choices=["curve", "generator", "sampling", "classifier", "recipe"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")
