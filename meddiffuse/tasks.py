@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from meddiffuse.config import ClassifierSpec, GeneratorSpec, Settings, SynthesisSpec
+from meddiffuse.config import CPU_STUDY, ClassifierSpec, GeneratorSpec, Settings, SynthesisSpec
 from meddiffuse.data.dataset import Dataset, TrainData, open_dataset, train_data_of
 from meddiffuse.domains import get_domain
 from meddiffuse.registry import (
@@ -398,8 +398,8 @@ def synthesize(spec: SynthesisSpec, *, settings: Settings | None = None, store: 
     return commit_synthesis(spec, plan, settings=settings, store=store)
 
 
-def sample_images(generator: Any, label: str, n: int, *, seed: int = 0, sampler: str = "dpmsolver++",
-                  steps: int = 20, guidance: float = 2.0) -> np.ndarray:
+def sample_images(generator: Any, label: str, n: int, *, seed: int = 0, sampler: str = CPU_STUDY["sampler"],
+                  steps: int = 20, guidance: float = CPU_STUDY["guidance"]) -> np.ndarray:
     """``n`` images of class ``label`` (N x H x W x C uint8); the same seed gives the images a synthetic
     dataset with that seed holds (batch width 8 keeps a small request cheap and still reproducible)."""
     return generator.sample_class(label, n, seed, sampler=sampler, steps=steps, guidance=guidance,

@@ -336,7 +336,8 @@ def test_killed_generation_resumes_to_exactly_n_per_class(env, trained):
     # every image regenerates bit-for-bit from its label and seed alone
     entry = ds.manifest.entries[5]
     image = ds.load_image(entry)
-    again = gen.sample([BRAIN.class_index(entry.label)], [entry.origin.seed], batch_size=2, **FAST)
+    again = gen.sample([BRAIN.class_index(entry.label)], [entry.origin.seed], sampler=entry.origin.sampler,
+                       batch_size=2, **FAST)
     assert np.array_equal(image, again[0])
     # and the resumed dataset equals one generated in a single go
     whole = generate_dataset(gen, store, "datasets/synthetic/whole", 3, **kwargs)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from meddiffuse.cli.app import app, console, fail
-from meddiffuse.config import DEFAULT_SEED, Settings
+from meddiffuse.config import CPU_STUDY, DEFAULT_SEED, Settings
 from meddiffuse.data.dataset import DatasetNotFound, open_dataset
 from meddiffuse.domains import Domain, UnknownClassError, UnknownDomainError, get_domain
 from meddiffuse.store import StoreError, create_store
@@ -93,9 +93,11 @@ def generate_cmd(
     generator: Annotated[str, typer.Option("--generator", "-g",
                                            help="Store prefix (generators/NAME), folder, or models:/ URI.")],
     per_class: Annotated[int, typer.Option("--per-class", "-n", help="Images per class.")],
-    sampler: Annotated[str, typer.Option(help="dpmsolver++ | unipc | ddim | ddpm")] = "dpmsolver++",
+    sampler: Annotated[str, typer.Option(help="dpmsolver++-sde | dpmsolver++ | unipc | ddim | ddpm")] = CPU_STUDY[
+        "sampler"],
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance w (0 = conditional only).")] = 2.0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance w (0 = conditional only).")] = CPU_STUDY[
+        "guidance"],
     seed: Annotated[int | None, typer.Option(help="Seed of the run (default: settings).")] = None,
     out: Annotated[str | None, typer.Option("--out", help="Dataset prefix (default datasets/synthetic/...).")] = None,
     classes: Annotated[list[str] | None, typer.Option("--class", help="Only this class (repeatable).")] = None,
@@ -140,9 +142,10 @@ def sample_grid_cmd(
     real: Annotated[str | None, typer.Option("--real", help="Real Dataset prefix to show beside.")] = None,
     per_class: Annotated[int, typer.Option("--per-class", "-n", help="Images per class and side.")] = 8,
     label: Annotated[str | None, typer.Option("--class", help="Only this class.")] = None,
-    sampler: Annotated[str, typer.Option(help="dpmsolver++ | unipc | ddim | ddpm")] = "dpmsolver++",
+    sampler: Annotated[str, typer.Option(help="dpmsolver++-sde | dpmsolver++ | unipc | ddim | ddpm")] = CPU_STUDY[
+        "sampler"],
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance w.")] = 2.0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance w.")] = CPU_STUDY["guidance"],
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """Write a PNG grid of generated samples beside real examples, per class."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from meddiffuse.domains import Domain, get_domain
 from meddiffuse.generate.errors import InvalidGeneratorRequest
 from meddiffuse.generate.metadata import GeneratorMeta
-from meddiffuse.generate.samplers import DEFAULT_SAMPLER, create_sampler, get_sampler_spec
+from meddiffuse.generate.samplers import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, create_sampler, get_sampler_spec
 from meddiffuse.generate.seeding import SEED_BITS, class_seeds, torch_generator
 
 BatchCallback = Callable[[int, int], None]  # (images done, images total)
@@ -94,7 +94,7 @@ class DiffusionGenerator:
         *,
         sampler: str = DEFAULT_SAMPLER,
         steps: int = 20,
-        guidance: float = 2.0,
+        guidance: float = DEFAULT_GUIDANCE,
         batch_size: int = 64,
         progress: bool = False,
         on_batch: BatchCallback | None = None,

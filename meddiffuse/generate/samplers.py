@@ -17,6 +17,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from meddiffuse.config import CPU_STUDY
 from meddiffuse.generate.errors import InvalidGeneratorRequest
 
 
@@ -59,7 +60,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     ),
 }
 
-DEFAULT_SAMPLER = "dpmsolver++"
+DEFAULT_SAMPLER: str = CPU_STUDY["sampler"]  # the study recipe's sampling (bench/science.py)
+DEFAULT_GUIDANCE: float = CPU_STUDY["guidance"]
 
 
 def list_samplers() -> list[str]:

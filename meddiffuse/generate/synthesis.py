@@ -31,7 +31,7 @@ from meddiffuse.domains import Domain
 from meddiffuse.generate.errors import InvalidGeneratorRequest
 from meddiffuse.generate.metadata import GeneratorMeta
 from meddiffuse.generate.pipeline import DiffusionGenerator
-from meddiffuse.generate.samplers import DEFAULT_SAMPLER, get_sampler_spec
+from meddiffuse.generate.samplers import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, get_sampler_spec
 from meddiffuse.generate.seeding import class_seeds
 from meddiffuse.store.base import ObjectStore
 
@@ -118,7 +118,7 @@ def plan_generation(
     *,
     sampler: str = DEFAULT_SAMPLER,
     steps: int = 20,
-    guidance: float = 2.0,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     shard_size: int = 256,
     batch_size: int = 64,
@@ -161,7 +161,7 @@ def generate_dataset(
     *,
     sampler: str = DEFAULT_SAMPLER,
     steps: int = 20,
-    guidance: float = 2.0,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     shard_size: int = 256,
     generator_ref: str | None = None,
