@@ -510,13 +510,13 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
         rows.append([name, "TSTR accuracy >= 0.90 x TRTR", shown, _mark(all(v >= 0.9 for v in tstr.values()))])
         shown = "; ".join(f"{a} {mixed[a]:.2f}" for a in mixed)
         rows.append([name, "mixed accuracy >= TRTR", shown, _mark(all(v >= 1.0 for v in mixed.values()))])
-    for name in sorted(k for k in results if k.startswith("science-curve-")):
-        curve = [r for r in results[name].get("rows") or [] if r.get("lever") == "generator steps"
+    for name in sorted(k for k in results if k.startswith(("science-curve-", "science-recipe-"))):
+        curve = [r for r in results[name].get("rows") or [] if r.get("lever") in ("generator steps", "recipe")
                  and isinstance(r.get("tstr_over_trtr"), int | float)]
         if not curve:
             continue
         last = max(curve, key=lambda r: r.get("generator_steps") or 0)
-        at = f"{last.get('generator_steps')} steps"
+        at = f"{last.get('generator_steps')} steps, {(last.get('sampling') or {}).get('sampler', '?')}"
         rows.append([name, "TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study)",
                      f"{last['tstr_over_trtr']:.2f} at {at}", _mark(last["tstr_over_trtr"] >= 0.9)])
         if isinstance(last.get("mixed_over_trtr"), int | float):

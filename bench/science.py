@@ -394,26 +394,32 @@ def cmd_plot(_: argparse.Namespace) -> None:
               if (RESULTS / f"science-curve-{d}.json").exists()}
     if not curves:
         raise SystemExit("no science-curve-*.json results to plot: run `bench/science.py evaluate --plan curve`")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=False)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharex=False)
     metrics = [("tstr_over_trtr", "TSTR ÷ TRTR (accuracy)"), ("class_fidelity", "class fidelity (judge)"),
                ("coverage", "coverage of real train (judge features)")]
     for domain, d in curves.items():
         rows = sorted((r for r in d["rows"] if r["lever"] == "generator steps"), key=lambda r: r["generator_steps"])
         steps = [r["generator_steps"] for r in rows]
+        recipe = RESULTS / f"science-recipe-{domain}.json"
+        best = json.loads(recipe.read_text())["rows"][0] if recipe.exists() else None
         for ax, (key, _title) in zip(axes, metrics, strict=True):
-            ax.plot(steps, [r[key] for r in rows], marker="o", label=domain)
+            line, = ax.plot(steps, [r[key] for r in rows], marker="o", label=f"{domain} (dpmsolver++)")
+            if best is not None:  # the recipe's sampler on the final generator
+                ax.plot([best["generator_steps"]], [best[key]], marker="*", markersize=13, linestyle="none",
+                        color=line.get_color(), label=f"{domain}, cpu-study ({best['sampling']['sampler']})")
     for ax, (_key, title) in zip(axes, metrics, strict=True):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("generator training steps (cpu-study, 32 px, batch 64)")
         ax.grid(alpha=0.3)
     axes[0].axhline(0.9, color="grey", linestyle="--", linewidth=1, label="goal 0.9")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     first = next(iter(curves.values()))
     m = first.get("machine") or {}
     fig.suptitle(f"One generator run per domain, snapshots of its EMA model; Lite0 on 128 synthetic/class, "
                  f"scored on the real 80% test split (seed 0). {m.get('cpu_model', '?')}, "
                  f"{m.get('cpu_count', '?')} CPUs, {first.get('date', '?')}.", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     CURVE_PNG.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(CURVE_PNG, dpi=110)
     print(f"-> {CURVE_PNG}")
