@@ -115,7 +115,7 @@ def generate_cmd(
     per_class: Annotated[int, typer.Option("--per-class", help="Images per class.")],
     prefix: Annotated[str, typer.Option(help="Store prefix of the synthetic Dataset.")],
     classes: Annotated[list[str] | None, typer.Option("--class", help="Only these classes (repeatable).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="dpmsolver++ | unipc | ddim | ddpm ...")] = None,
+    sampler: Annotated[str | None, typer.Option(help="dpmsolver++-sde | dpmsolver++ | unipc | ddim | ddpm")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the run (each image has its own seed from it).")] = None,

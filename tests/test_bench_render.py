@@ -255,7 +255,7 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
     assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | 0.880 | 0.80× | 1.01× | ✅ |" in out
     assert "science-curves.png" in out
     target = "| science-curve-brain-mri | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) |"
-    assert f"{target} 0.80 at 1200 steps | ❌ |" in out
+    assert f"{target} 0.80 at 1200 steps, dpmsolver++ | ❌ |" in out
     target = "| science-curve-brain-mri | mixed accuracy >= TRTR, audit gate passed |"
     assert f"{target} 1.01; audit gate passed | ✅ |" in out
     assert "science" not in render_section({})
