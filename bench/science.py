@@ -201,7 +201,6 @@ class Evaluator:
         self.domain = domain
         self.exps: dict[int, Any] = {}
         self.judges: dict[int, Any] = {}
-        self.trtr: dict[str, dict[str, Any]] = {}
 
     def exp(self, resolution: int):
         if resolution not in self.exps:
