@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         sample_s = time.perf_counter() - t0
         alone = gen.sample(labels[5:6], seeds[5:6], steps=20, guidance=2.0, batch_size=128)
-        return {"train_images_per_second": full.images_per_second, "final_loss": full.final_loss,
+        from meddiffuse.generate import DEFAULT_SAMPLER
+
+        return {"sampler": DEFAULT_SAMPLER, "train_images_per_second": full.images_per_second,
+                "final_loss": full.final_loss,
                 "resumed_from_step": resumed.resumed_from_step, "half_steps": half.steps_trained,
                 "resumed_final_loss": resumed.final_loss,
                 "resumed_vs_uninterrupted_max_weight_diff": float((w_full - w_res).abs().max()),

@@ -463,7 +463,9 @@ def cuda_section(d: dict[str, Any] | None) -> list[str]:
     g, base, clf, lime = (c.get(k) or {} for k in ("generator", "gpu_base", "classifier", "lime"))
     rows = [
         ["generator `cpu-small` 32 px (mixed precision)", _mark(g.get("ok")),
-         f"train {_num(g.get('train_images_per_second'), 0)} images/s; guided DPM-Solver++ 20 steps "
+         # results from before the sampler was recorded were made with the then-default ODE solver
+         f"train {_num(g.get('train_images_per_second'), 0)} images/s; guided {g.get('sampler', 'dpmsolver++')} "
+         "20 steps "
          f"{_num(g.get('sample_images_per_second'), 0)} images/s; an image drawn alone equals the same seed in a "
          f"batch: {_mark(g.get('alone_equals_in_batch'))}; killed-and-resumed vs uninterrupted: max weight "
          f"difference {_num(g.get('resumed_vs_uninterrupted_max_weight_diff'), 3)} (GPU kernels are not "
