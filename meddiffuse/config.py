@@ -74,6 +74,12 @@ def recipe_values(name: str) -> dict[str, Any]:
     return dict(RECIPES[name])
 
 
+def without_added_defaults(data: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``data`` less the fields in ``added`` (field -> the value it implicitly had before it existed) that
+    still hold that value: a fingerprint taken over ``data`` then matches records made before the field."""
+    return {k: v for k, v in data.items() if k not in added or v != added[k]}
+
+
 class Seeded(BaseModel):
     seed: int = Field(DEFAULT_SEED, ge=0)
 

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from meddiffuse.config import CPU_STUDY, ClassifierSpec, GeneratorSpec, Settings, SynthesisSpec
+from meddiffuse.config import (
+    CPU_STUDY,
+    ClassifierSpec,
+    GeneratorSpec,
+    Settings,
+    SynthesisSpec,
+    without_added_defaults,
+)
 from meddiffuse.data.dataset import Dataset, TrainData, open_dataset, train_data_of
 from meddiffuse.domains import get_domain
 from meddiffuse.registry import (
@@ -52,9 +59,7 @@ ADDED_FIELDS: dict[str, Any] = {"augmentation_strength": 1.0, "mixup": 0.0, "cut
 def fingerprint(spec: BaseModel, *, exclude: set[str] | None = None, extra: dict[str, Any] | None = None) -> str:
     """A short content hash of what determines a task's result (``alias`` and ``prefix`` do not)."""
     payload = spec.model_dump(mode="json", exclude=(exclude or set()) | {"alias", "prefix", "register_model"})
-    for name, default in ADDED_FIELDS.items():  # an older record keeps matching the spec it was made from
-        if name in payload and payload[name] == default:
-            payload.pop(name)
+    payload = without_added_defaults(payload, ADDED_FIELDS)  # older records keep matching their specs
     raw = json.dumps({"spec": payload, **(extra or {})}, sort_keys=True).encode()
     return hashlib.sha256(raw).hexdigest()[:16]
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from meddiffuse.config import without_added_defaults
 from meddiffuse.domains import Domain
 from meddiffuse.generate.errors import InvalidGeneratorRequest
 
@@ -98,10 +99,8 @@ class GeneratorConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of the fields that change what a checkpoint means (execution flags excluded)."""
-        data = self.model_dump(mode="json", exclude={"mixed_precision", "compile", "preset"})
-        for name, default in _ADDED_FIELDS.items():  # fields added later keep older fingerprints valid
-            if data.get(name) == default:
-                data.pop(name)
+        data = without_added_defaults(self.model_dump(mode="json", exclude={"mixed_precision", "compile", "preset"}),
+                                      _ADDED_FIELDS)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
