@@ -109,7 +109,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     )
     payload = {"domain": a.domain, "variant": a.variant, "overrides": VARIANTS[a.variant],
                "config": config.model_dump(mode="json"), "snapshots": sorted(set(a.snapshots) | {info.steps_trained}),
-               "ema_variants": a.ema_variants, "info": info.model_dump(mode="json", exclude={"loss_history"}),
+               "ema_variants": a.ema_variants, "ema_variants_checkpointed": True,
+               "info": info.model_dump(mode="json", exclude={"loss_history"}),
                "loss_history": info.loss_history[::5], "wall_seconds": round(time.monotonic() - t0, 1),
                "torch_threads": torch.get_num_threads()}
     tmp = record.with_suffix(".part")
@@ -142,8 +143,10 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         base = trained(domain, variant)
         steps = [s for s in base["snapshots"] if s <= final]
         rows = [row("generator steps", s, variant=variant, step=s, mixed=s == final) for s in steps]
-        # an extra EMA restarts when a run resumes, so after a resume only the raw weights (0) compare fairly
-        decays = [d for d in base["ema_variants"] if d == 0 or base["info"]["resumed_from_step"] is None]
+        # runs trained before extra EMAs were checkpointed restarted them on resume: then only the raw weights
+        # (0) compare fairly
+        decays = [d for d in base["ema_variants"] if d == 0 or base["info"]["resumed_from_step"] is None
+                  or base.get("ema_variants_checkpointed")]
         rows += [row("EMA decay", d, variant=variant, step=final, ema=d) for d in decays]
         return rows
     if name == "generator":  # generator-side levers at a short, equal budget against base at that step
@@ -170,6 +173,11 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                 row("classifier recipe", "15 epochs", step=final, epochs=15),
                 row("classifier recipe", "aug x2", step=final, augmentation_strength=2.0),
                 row("classifier recipe", "no affine/intensity aug", step=final, augmentation_strength=0.0)]
+    if name == "size":  # synthetic set size at the recipe's sampler: is TSTR limited by how many images it sees?
+        from meddiffuse.config import CPU_STUDY
+
+        return [row("synthetic per class", n, step=final, mixed=True, sampler=CPU_STUDY["sampler"],
+                    guidance=CPU_STUDY["guidance"], per_class=n, **BEST_CLASSIFIER) for n in (128, 512)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         from meddiffuse.config import CPU_STUDY
 
@@ -436,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--ema-variants", type=float, nargs="*", default=[])
     e = sub.add_parser("evaluate", help="score a plan's rows and write its result JSON")
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
-    e.add_argument("--plan", default="curve", choices=["curve", "generator", "sampling", "classifier", "recipe"])
+    e.add_argument("--plan", default="curve",
+                   choices=["curve", "generator", "sampling", "classifier", "size", "recipe"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")

@@ -538,6 +538,35 @@ def test_snapshots_and_ema_variants_come_from_one_run(env):
         train_generator(real, config, store, "generators/curve-bad", max_steps=2, ema_variants=[1.5], **common)
 
 
+def test_a_resumed_run_keeps_its_ema_variants(env):
+    """Extra EMA decays are checkpointed: killed and resumed, they end equal to an uninterrupted run's; a decay
+    the checkpoint lacks starts from the restored weights instead of failing the resume."""
+    settings, store, real = env
+    config = tiny(batch_size=8, lr_schedule="constant_with_warmup")
+    common = dict(max_minutes=None, checkpoint_every=3, seed=2, settings=settings, progress=False, track=False)
+    train_generator(real, config, store, "generators/var-a", max_steps=6, ema_variants=[0.0, 0.9], **common)
+
+    def kill_after_4(step):
+        if step.step == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_generator(real, config, store, "generators/var-b", max_steps=6, ema_variants=[0.0, 0.9],
+                        on_step=kill_after_4, **common)
+    # resumed with one more decay than the checkpoint holds
+    train_generator(real, config, store, "generators/var-b", max_steps=6, ema_variants=[0.0, 0.9, 0.5],
+                    resume=True, **common)
+
+    def variant(prefix, decay):
+        return load_generator(snapshot_prefix(prefix, 6, decay), store, settings).unet.state_dict()
+
+    a, b = variant("generators/var-a", 0.9), variant("generators/var-b", 0.9)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the 0.5 EMA restarted at step 3: it differs from the raw weights (it did average) but exists
+    fresh, raw = variant("generators/var-b", 0.5), variant("generators/var-b", 0.0)
+    assert not all(torch.equal(fresh[k], raw[k]) for k in raw)
+
+
 def test_affine_intensity_augmentation_is_keyed_small_and_off_at_zero():
     x = torch.linspace(-1, 1, 2 * 16 * 16).reshape(2, 1, 16, 16).repeat(8, 1, 1, 1)
     a = random_affine_intensity(x, 1.0, torch.Generator().manual_seed(5))

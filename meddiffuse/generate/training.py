@@ -123,7 +123,9 @@ def train_generator(
     of that budget would have been). ``ema_variants`` keeps extra EMAs with these decays (0 = the raw
     weights) beside the config's, saved with every snapshot and at the end under
     ``snapshot_prefix(prefix, step, decay)``: the EMA decay compared at no extra training. The extra
-    EMAs are not part of checkpoints; on resume they restart from the current weights.
+    EMAs are checkpointed too, so a resumed run's variants equal an uninterrupted run's; a decay the
+    checkpoint lacks (added on resume, or a checkpoint from before variants were saved) starts from the
+    restored weights.
     """
     _check_budget(max_steps, max_minutes, checkpoint_every, log_every)
     if any(not 0.0 <= d < 1.0 for d in ema_variants):
@@ -143,14 +145,19 @@ def train_generator(
 
     accelerator, model, optimizer, lr_scheduler, ema, noise_scheduler = _build(config, settings, seed, horizon)
     step = 0
+    saved_variants: dict[str, dict] = {}
     if checkpoint is not None:
-        step = _restore(accelerator, store, prefix, checkpoint)
+        step, saved_variants = _restore(accelerator, store, prefix, checkpoint)
         ema.to(accelerator.device)  # accelerate loads custom state onto the CPU
         logger.info("resumed %s from step %d", prefix, step)
     resumed_from = step if checkpoint is not None else None
 
     variants = {d: _make_ema(accelerator.unwrap_model(model), config, d, foreach=True)  # vectorised: cheap
                 for d in ema_variants if d > 0}
+    for decay, variant in variants.items():
+        if _variant_key(decay) in saved_variants:
+            variant.load_state_dict(saved_variants[_variant_key(decay)])
+            variant.to(accelerator.device)
     data = TrainingImages(dataset, config, accelerator.device)
     loop = _TrainingLoop(config, accelerator, model, optimizer, lr_scheduler, ema, noise_scheduler, data, seed,
                          list(variants.values()))
@@ -220,7 +227,7 @@ def train_generator(
                     bar.total = stop_step
                     tracker.log({"lr_horizon": horizon}, step)
             if step % checkpoint_every == 0 and step < stop_step:
-                _save_checkpoint(accelerator, store, prefix, ckpt_info.model_copy(update={"step": step}))
+                _save_checkpoint(accelerator, store, prefix, ckpt_info.model_copy(update={"step": step}), variants)
             if step in snapshots:
                 save_snapshots(step, final=False)
             if on_step is not None:
@@ -229,7 +236,7 @@ def train_generator(
             history.append((step, sum(window) / len(window)))
             tracker.log({"loss": history[-1][1]}, step)
         if resumed_from is None or step > resumed_from:
-            _save_checkpoint(accelerator, store, prefix, ckpt_info.model_copy(update={"step": step}))
+            _save_checkpoint(accelerator, store, prefix, ckpt_info.model_copy(update={"step": step}), variants)
         meta = _save_final_model(accelerator, model, ema, noise_scheduler, config, store, prefix, step,
                                  dataset, seed)
         if ema_variants and step not in snapshots:
@@ -477,19 +484,33 @@ def _local_state_dir(store: ObjectStore, prefix: str, step: int) -> Path:
     return Path(tempfile.gettempdir()) / f"meddiffuse-state-{key:x}"
 
 
-def _save_checkpoint(accelerator: Accelerator, store: ObjectStore, prefix: str, info: CheckpointInfo) -> None:
+# the extra EMA decays of a checkpoint, beside accelerate's own files (not registered with accelerate, whose
+# load_state needs exactly the objects it saved: a resume may ask for other decays than the run saved)
+EMA_VARIANTS_FILE = "ema_variants.pt"
+
+
+def _variant_key(decay: float) -> str:
+    return f"{decay:g}"
+
+
+def _save_checkpoint(accelerator: Accelerator, store: ObjectStore, prefix: str, info: CheckpointInfo,
+                     variants: dict[float, EMAModel] | None = None) -> None:
     local = _local_state_dir(store, prefix, info.step)
     shutil.rmtree(local, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(local))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if variants:
+            torch.save({_variant_key(d): v.state_dict() for d, v in variants.items()}, local / EMA_VARIANTS_FILE)
         upload_checkpoint(store, prefix, local, info)
         shutil.rmtree(local, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def _restore(accelerator: Accelerator, store: ObjectStore, prefix: str, info: CheckpointInfo) -> int:
+def _restore(accelerator: Accelerator, store: ObjectStore, prefix: str,
+             info: CheckpointInfo) -> tuple[int, dict[str, dict]]:
+    """Load a checkpoint into the prepared objects; returns its step and its extra EMAs' states by decay."""
     local = _local_state_dir(store, prefix, info.step)
     if accelerator.is_main_process:
         shutil.rmtree(local, ignore_errors=True)
@@ -497,11 +518,13 @@ def _restore(accelerator: Accelerator, store: ObjectStore, prefix: str, info: Ch
     accelerator.wait_for_everyone()
     try:
         accelerator.load_state(str(local))
+        saved = local / EMA_VARIANTS_FILE
+        variants = torch.load(saved, map_location="cpu", weights_only=True) if saved.exists() else {}
     finally:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(local, ignore_errors=True)
-    return info.step
+    return info.step, variants
 
 
 def _save_final_model(accelerator, model, ema, noise_scheduler, config, store, prefix, step, dataset, seed):
