@@ -75,13 +75,13 @@ BENCHMARKS: list[Benchmark] = [
     # the explainer over HTTP (bentoml serve) against the same work in-process: 1000 /predict, 200 /explain
     Benchmark("serve", "serve.py", {"small": [], "full": []}, {"small": 6, "full": 6}),
     # the scaling curves of the cpu-study recipe (one generator run per domain, snapshots scored): long, so
-    # `make bench-full` only; the levers run as `bench/science.py evaluate --plan sampling|classifier|generator`
+    # `make bench-full` only; the levers run as `bench/science.py evaluate --plan size|sampling|classifier|generator`
     Benchmark("science-curve-brain-mri", "science.py",
               {"full": ["run", "--domain", "brain-mri", "--steps", "1200", "--snapshots", "300", "750"]},
               {"full": 60}, scales=("full",)),
     Benchmark("science-curve-all", "science.py",
-              {"full": ["run", "--domain", "all", "--steps", "900", "--snapshots", "300", "600"]},
-              {"full": 50}, scales=("full",)),
+              {"full": ["run", "--domain", "all", "--steps", "1200", "--snapshots", "300", "600", "900"]},
+              {"full": 65}, scales=("full",)),
     Benchmark("science-curve-covid-ct", "science.py",
               {"full": ["run", "--domain", "covid-ct", "--steps", "600", "--snapshots", "200", "400"]},
               {"full": 35}, scales=("full",)),

@@ -396,7 +396,7 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("curve", "recipe", "sampling", "classifier", "generator")
+SCIENCE_PLANS = ("curve", "recipe", "size", "sampling", "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
@@ -405,7 +405,8 @@ def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
         gen = f"{r.get('variant', '?')} @ {r.get('generator_steps', '?')}" + (
             "" if r.get("ema") is None else f", EMA {r['ema']:g}" if r["ema"] else ", raw weights")
         s, c = r.get("sampling") or {}, r.get("recipe") or {}
-        sampling = f"w={s.get('guidance', '?'):g}, {s.get('steps', '?')} steps, {s.get('per_class', '?')}/class"
+        sampling = (f"{s.get('sampler', '?')}, w={s.get('guidance', '?'):g}, {s.get('steps', '?')} steps, "
+                    f"{s.get('per_class', '?')}/class")
         ms = f"{_num(r.get('ms_ssim'), 2)} ({_num(r.get('real_ms_ssim'), 2)})"
         per_class = r.get("per_class") or {}
         class_cov = " / ".join(_num((v or {}).get("coverage"), 2) for v in per_class.values()) or "—"
@@ -518,7 +519,9 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
         if not curve:
             continue
         last = max(curve, key=lambda r: r.get("generator_steps") or 0)
-        at = f"{last.get('generator_steps')} steps, {(last.get('sampling') or {}).get('sampler', '?')}"
+        sampling = last.get("sampling") or {}
+        at = (f"{last.get('generator_steps')} steps, {sampling.get('sampler', '?')}, "
+              f"{sampling.get('per_class', '?')}/class")
         rows.append([name, "TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study)",
                      f"{last['tstr_over_trtr']:.2f} at {at}", _mark(last["tstr_over_trtr"] >= 0.9)])
         if isinstance(last.get("mixed_over_trtr"), int | float):

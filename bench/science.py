@@ -176,8 +176,9 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
     if name == "size":  # synthetic set size at the recipe's sampler: is TSTR limited by how many images it sees?
         from meddiffuse.config import CPU_STUDY
 
-        return [row("synthetic per class", n, step=final, mixed=True, sampler=CPU_STUDY["sampler"],
-                    guidance=CPU_STUDY["guidance"], per_class=n, **BEST_CLASSIFIER) for n in (128, 512)]
+        # the larger set first (`--first 1`); the 128 row is the recipe row (mixed included), scored once
+        return [row("synthetic per class", n, step=final, mixed=n == 128, sampler=CPU_STUDY["sampler"],
+                    guidance=CPU_STUDY["guidance"], per_class=n, **BEST_CLASSIFIER) for n in (512, 128)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         from meddiffuse.config import CPU_STUDY
 

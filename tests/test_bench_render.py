@@ -250,12 +250,12 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
     out = render_section({"science-curve-brain-mri": curve})
     assert ("**brain-mri — curve** (base: 1200 steps, 1.25 s/step at 2 thread(s) (constant_with_warmup, 32 px); "
             "classes in per-class columns: a / b)") in out
-    assert ("| generator steps | 1200 | base @ 1200 | w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 | 0.31 | "
-            "0.10 / 0.52 | 0.40 |") in out
+    assert ("| generator steps | 1200 | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 | "
+            "0.31 | 0.10 / 0.52 | 0.40 |") in out
     assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | 0.880 | 0.80× | 1.01× | ✅ |" in out
     assert "science-curves.png" in out
     target = "| science-curve-brain-mri | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) |"
-    assert f"{target} 0.80 at 1200 steps, dpmsolver++ | ❌ |" in out
+    assert f"{target} 0.80 at 1200 steps, dpmsolver++, 128/class | ❌ |" in out
     target = "| science-curve-brain-mri | mixed accuracy >= TRTR, audit gate passed |"
     assert f"{target} 1.01; audit gate passed | ✅ |" in out
     assert "science" not in render_section({})
