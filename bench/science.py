@@ -63,7 +63,7 @@ def experiment(domain: str, resolution: int = RESOLUTION):
                               # the experiment only gives the split and the judge; this bench trains its own
                               # generators, so these stay as first recorded (the defaults before cpu-study)
                               generator_preset="cpu-small", generator_steps=700, sampler="dpmsolver++",
-                              guidance=2.0)
+                              guidance=2.0, synthetic_per_class=None)
     exp = Experiment(config, settings, progress=False, log=lambda m: print(f"[science] {m}", flush=True))
     exp.ingest()
     return exp
@@ -183,7 +183,7 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         from meddiffuse.config import CPU_STUDY
 
         return [row("recipe", "cpu-study", step=final, mixed=True, sampler=CPU_STUDY["sampler"],
-                    guidance=CPU_STUDY["guidance"], **BEST_CLASSIFIER)]
+                    guidance=CPU_STUDY["guidance"], per_class=CPU_STUDY["synthetic_per_class"], **BEST_CLASSIFIER)]
     raise SystemExit(f"unknown plan {name!r}")
 
 

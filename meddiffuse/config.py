@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # One value per concept: ingest, experiment, flows and services agree unless told otherwise.
@@ -60,6 +60,7 @@ CPU_STUDY: dict[str, Any] = {
     "generator_steps": 1200,  # ~25 min on 2 CPU cores at 32 px
     "sampler": "dpmsolver++-sde",  # +3 points TSTR over the ODE solver on brain MRI at the same cost
     "guidance": 2.0,
+    "synthetic_per_class": 512,  # SYNPC
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "cpu-study": CPU_STUDY,
@@ -165,8 +166,11 @@ class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
     resolution: int = Field(DEFAULT_RESOLUTION, ge=8, le=512,
                             description="Resolution of the datasets and the generator.")
     train_fraction: float = Field(DEFAULT_TRAIN_FRACTION, gt=0.0, lt=1.0)
-    # synthetic set
-    synthetic_multiple: float = Field(1.0, gt=0, description="Synthetic set = K x the real training set.")
+    # synthetic set: a fixed number per class (the recipe's), or K x the real training set when that is None
+    synthetic_per_class: int | None = Field(CPU_STUDY["synthetic_per_class"], ge=1,
+                                            description="Synthetic images per class; None = synthetic_multiple.")
+    synthetic_multiple: float = Field(1.0, gt=0, description="Synthetic set = K x the real training set "
+                                      "(when synthetic_per_class is None).")
     filter_synthetic: bool = Field(False, description="Keep samples a real-train classifier agrees with.")
     filter_min_confidence: float = Field(0.5, ge=0, le=1)
     # classifiers
@@ -179,6 +183,15 @@ class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
     audit_gate: float = Field(0.01, ge=0, le=1, description="Allowed excess share of likely copies.")
     register_models: bool = Field(True, description="Register the generator and every classifier in MLflow.")
     promote: bool = Field(True, description="Move `champion` to a new classifier only when it beats the champion.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _multiple_without_per_class(cls, data: Any) -> Any:
+        """Asking for K x the real set (and not for a number per class) means the multiple, not the recipe's
+        fixed number per class."""
+        if isinstance(data, dict) and "synthetic_multiple" in data and "synthetic_per_class" not in data:
+            return {**data, "synthetic_per_class": None}
+        return data
 
     @property
     def experiment_name(self) -> str:

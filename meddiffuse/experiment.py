@@ -61,6 +61,9 @@ class ExperimentPaths:
 # Fields that may change between runs of one experiment: adding architectures or training sets only
 # adds stages (their names carry arch and data), and registration does not change any result.
 RESUMABLE_CHANGES = frozenset({"name", "archs", "train_data", "register_models", "promote"})
+# fields added to ExperimentConfig after experiments were recorded -> the value they implicitly had before
+# (not their current default): an old experiment resumes only under the behaviour it was recorded with
+ADDED_FIELDS: dict[str, Any] = {"synthetic_per_class": None}
 
 
 class ExperimentConfigMismatch(ValueError):
@@ -130,7 +133,7 @@ class Experiment:
             recorded = current
         # a field added to the config since the experiment was recorded counts as its default (the behaviour
         # the experiment had before the field existed)
-        defaults = ExperimentConfig.model_construct().model_dump(mode="json")
+        defaults = ExperimentConfig.model_construct().model_dump(mode="json") | ADDED_FIELDS
         recorded = {k: recorded.get(k, defaults.get(k)) for k in set(current) | set(recorded)}
         changed = sorted(k for k in recorded
                          if k not in RESUMABLE_CHANGES and current.get(k) != recorded.get(k))
@@ -223,14 +226,16 @@ class Experiment:
         return self._stage("generator", run)
 
     def synthesis_spec(self, shard_size: int = 256):
-        """The synthetic set as a ``SynthesisSpec``: K x the real training set, balanced per class, from the
-        *pinned* generator version (or its store copy if unregistered). Flows map its shards themselves."""
+        """The synthetic set as a ``SynthesisSpec``: ``synthetic_per_class`` per class (else K x the real
+        training set, balanced per class), from the *pinned* generator version (or its store copy if
+        unregistered). Flows map its shards themselves."""
         from meddiffuse.config import SynthesisSpec
 
         c = self.config
         gen = self._require("generator")
         n_train = len(self.real.manifest.select("train"))
-        per_class = max(1, math.ceil(c.synthetic_multiple * n_train / self.domain.num_classes))
+        per_class = c.synthetic_per_class or max(1, math.ceil(c.synthetic_multiple * n_train
+                                                              / self.domain.num_classes))
         return SynthesisSpec(
             generator=gen.get("uri") or gen["ref"], per_class=per_class, prefix=self.paths.synthetic,
             sampler=c.sampler, sampling_steps=c.sampling_steps, guidance=c.guidance, seed=c.seed,

@@ -139,7 +139,7 @@ def tiny_study(name: str, **overrides: Any):
     base = dict(domain="brain-mri", phantoms_per_class=12, resolution=16, generator_preset="tiny",
                 generator_steps=20, checkpoint_every=10, sampling_steps=4, archs=["resnet18"], weights="none",
                 input_size=32, epochs=1, early_stopping_patience=None, explain_per_model=0, audit=False,
-                bootstrap=0, name=name)
+                bootstrap=0, synthetic_multiple=1.0, name=name)
     return ExperimentConfig(**(base | overrides))
 
 

@@ -104,6 +104,37 @@ def test_experiment_runs_resumes_and_reports(settings):
     assert not any(m.startswith("[run ]") for m in log)
 
 
+def test_synthetic_set_size_is_a_number_per_class_or_a_multiple(settings):
+    """The recipe samples a fixed number per class; asking for K x the real set means the multiple; an experiment
+    recorded before the per-class field existed resumes as the multiple it was made with."""
+    import math
+
+    assert ExperimentConfig().synthetic_per_class == 512
+    assert ExperimentConfig(synthetic_multiple=2.0).synthetic_per_class is None
+    assert ExperimentConfig(synthetic_multiple=2.0, synthetic_per_class=9).synthetic_per_class == 9
+
+    quiet = dict(progress=False, log=lambda m: None)
+    exp = Experiment(toy_config(name="size"), settings, **quiet)
+    exp.ingest()
+    exp.train_generator()
+    n_train = len(exp.real.manifest.select("train"))
+    assert exp.synthesis_spec().per_class == math.ceil(n_train / 2)
+    with pytest.raises(ExperimentConfigMismatch, match=r"synthetic_per_class: None -> 7"):
+        Experiment(toy_config(name="size", synthetic_per_class=7), settings, **quiet).check_config()
+    fixed = Experiment(toy_config(name="size-fixed", synthetic_per_class=7), settings, **quiet)
+    fixed.ingest()
+    fixed.train_generator()
+    assert fixed.synthesis_spec().per_class == 7
+
+    # a record from before the field: it resumes under the multiple, not under the new default
+    recorded = json.loads(exp.store.get_text(exp.paths.config))
+    del recorded["synthetic_per_class"]
+    exp.store.put_text(exp.paths.config, json.dumps(recorded))
+    Experiment(toy_config(name="size"), settings, **quiet).check_config()
+    with pytest.raises(ExperimentConfigMismatch, match=r"synthetic_per_class: None -> 512"):
+        Experiment(toy_config(name="size", synthetic_per_class=512), settings, **quiet).check_config()
+
+
 def test_experiment_rejects_bad_requests(settings, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         Experiment(toy_config(data=tmp_path / "missing"), settings)

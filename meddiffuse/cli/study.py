@@ -23,7 +23,10 @@ def experiment_cmd(
     recipe: Annotated[str | None, typer.Option(help="Named recipe: cpu-study (the defaults) | gpu-study; "
                                                     "other options override it")] = None,
     preset: Annotated[str | None, typer.Option(help="Architecture preset, e.g. study8, cpu-pair")] = None,
-    synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set")] = None,
+    synthetic_per_class: Annotated[int | None, typer.Option(help="Synthetic images per class (recipe default "
+                                                                "512)")] = None,
+    synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set, instead "
+                                                                  "of a number per class")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
     generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 1200): the same "
                                                              "result on any machine")] = None,
@@ -45,7 +48,8 @@ def experiment_cmd(
     settings = Settings()
     overrides = {
         k: v for k, v in {
-            "domain": domain, "data": data, "test_data": test_data, "synthetic_multiple": synthetic_multiple,
+            "domain": domain, "data": data, "test_data": test_data, "synthetic_per_class": synthetic_per_class,
+            "synthetic_multiple": synthetic_multiple,
             "generator_preset": generator_preset, "generator_minutes": generator_minutes,
             "generator_steps": generator_steps, "resolution": resolution, "epochs": epochs, "guidance": guidance,
             "weights": weights, "name": name, "seed": seed,
@@ -53,6 +57,8 @@ def experiment_cmd(
     }
     if filter_synthetic:
         overrides["filter_synthetic"] = True
+    if synthetic_multiple is not None and synthetic_per_class is None:
+        overrides["synthetic_per_class"] = None  # K x the real set, not the recipe's number per class
     try:
         if recipe:
             overrides = recipe_values(recipe) | overrides
