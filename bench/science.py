@@ -414,17 +414,19 @@ def cmd_plot(_: argparse.Namespace) -> None:
             line, = ax.plot(steps, [r[key] for r in rows], marker="o", label=f"{domain} (dpmsolver++)")
             if best is not None:  # the recipe's sampler on the final generator
                 ax.plot([best["generator_steps"]], [best[key]], marker="*", markersize=13, linestyle="none",
-                        color=line.get_color(), label=f"{domain}, cpu-study ({best['sampling']['sampler']})")
+                        color=line.get_color(), label=f"{domain}, cpu-study ({best['sampling']['sampler']}, "
+                                                      f"{best['sampling']['per_class']}/class)")
     for ax, (_key, title) in zip(axes, metrics, strict=True):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("generator training steps (cpu-study, 32 px, batch 64)")
         ax.grid(alpha=0.3)
     axes[0].axhline(0.9, color="grey", linestyle="--", linewidth=1, label="goal 0.9")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     first = next(iter(curves.values()))
     m = first.get("machine") or {}
-    fig.suptitle(f"One generator run per domain, snapshots of its EMA model; Lite0 on 128 synthetic/class, "
+    fig.suptitle(f"One generator run per domain, snapshots of its EMA model (lines: 128 synthetic/class); Lite0 "
+                 f"on the synthetic set, "
                  f"scored on the real 80% test split (seed 0). {m.get('cpu_model', '?')}, "
                  f"{m.get('cpu_count', '?')} CPUs, {first.get('date', '?')}.", fontsize=9)
     fig.tight_layout(rect=(0, 0.13, 1, 1))

@@ -67,6 +67,7 @@ STUDY_CONFIG = {
     "generator_preset": "tiny", "generator_steps": 20, "checkpoint_every": 10, "sampling_steps": 4,
     "archs": ["resnet18"], "weights": "none", "input_size": 32, "epochs": 1, "batch_size": 16,
     "early_stopping_patience": None, "explain_per_model": 0, "lime_samples": 10, "audit": False, "bootstrap": 0,
+    "synthetic_multiple": 1.0,  # as many synthetic images as real ones, not the study recipe's 512 per class
 }
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
