@@ -526,7 +526,7 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
                      f"{last['tstr_over_trtr']:.2f} at {at}", _mark(last["tstr_over_trtr"] >= 0.9)])
         if isinstance(last.get("mixed_over_trtr"), int | float):
             gate = "audit gate passed" if last.get("gate_passed") else "audit gate FAILED"
-            rows.append([name, "mixed accuracy >= TRTR, audit gate passed", f"{last['mixed_over_trtr']:.2f}; {gate}",
+            rows.append([name, "mixed accuracy >= TRTR, audit gate passed", f"{last['mixed_over_trtr']:.3f}; {gate}",
                          _mark(last["mixed_over_trtr"] >= 1.0 and bool(last.get("gate_passed")))])
     return rows
 

@@ -257,5 +257,5 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
     target = "| science-curve-brain-mri | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) |"
     assert f"{target} 0.80 at 1200 steps, dpmsolver++, 128/class | ❌ |" in out
     target = "| science-curve-brain-mri | mixed accuracy >= TRTR, audit gate passed |"
-    assert f"{target} 1.01; audit gate passed | ✅ |" in out
+    assert f"{target} 1.010; audit gate passed | ✅ |" in out
     assert "science" not in render_section({})
