@@ -85,15 +85,19 @@ def study_cmd(
     from meddiffuse.config import ExperimentConfig, Settings
 
     base = Settings().experiment.model_dump()
+    given: dict = {}
     if config_file is not None:
         try:
-            base |= json.loads(config_file.read_text())
+            given |= json.loads(config_file.read_text())
         except (OSError, ValueError) as exc:
             fail(f"--config {config_file}: {exc}")
     flags = {"name": name, "data": data, "archs": archs, "train_data": train_data,
              "generator_preset": generator_preset, "generator_steps": generator_steps, "resolution": resolution,
              "phantoms_per_class": phantoms_per_class, "epochs": epochs, "weights": weights}
-    base |= {k: v for k, v in flags.items() if v is not None} | _parse_sets(sets)
+    given |= {k: v for k, v in flags.items() if v is not None} | _parse_sets(sets)
+    if "synthetic_multiple" in given and "synthetic_per_class" not in given:
+        given["synthetic_per_class"] = None  # K x the real set, not the recipe's number per class
+    base |= given
     try:
         config = ExperimentConfig.model_validate(base | {"domain": domains[0]})
     except ValidationError as exc:

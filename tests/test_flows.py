@@ -139,7 +139,7 @@ def test_study_flow_from_the_cli_registers_models_promotes_and_resumes(prefect_a
             "--generator-preset", "tiny", "--generator-steps", "20", "--archs", "resnet18", "--weights", "none",
             "--epochs", "1", "--set", "checkpoint_every=10", "--set", "sampling_steps=4", "--set", "input_size=32",
             "--set", "early_stopping_patience=null", "--set", "explain_per_model=0", "--set", "audit=false",
-            "--set", "bootstrap=0"]
+            "--set", "bootstrap=0", "--set", "synthetic_multiple=1"]
     out = CliRunner().invoke(flow_app, args)
     assert out.exit_code == 0, f"{out.output}\n{out.exception!r}"
     assert "report:" in out.output and "resnet18" in out.output
@@ -161,6 +161,8 @@ def test_study_flow_from_the_cli_registers_models_promotes_and_resumes(prefect_a
     synthetic = open_dataset(store, exp.paths.synthetic)
     per_class = exp.done("synthesize")["per_class"]
     assert synthetic.manifest.counts()["train"] == dict.fromkeys(CLASSES, per_class)
+    # `--set synthetic_multiple=1` alone meant the multiple, not the recipe's 512 per class
+    assert per_class == -(-len(exp.real.manifest.select("train")) // len(CLASSES))
     assert (settings.home / "reports" / "flowstudy" / "report.html").is_file()
 
     # artifacts: results table with the pinned versions, a link to the report in the store
