@@ -82,7 +82,7 @@ def study_cmd(
     from pydantic import ValidationError
 
     from flows.study import study
-    from meddiffuse.config import ExperimentConfig, Settings
+    from meddiffuse.config import ExperimentConfig, Settings, synthetic_size_overrides
 
     base = Settings().experiment.model_dump()
     given: dict = {}
@@ -95,9 +95,7 @@ def study_cmd(
              "generator_preset": generator_preset, "generator_steps": generator_steps, "resolution": resolution,
              "phantoms_per_class": phantoms_per_class, "epochs": epochs, "weights": weights}
     given |= {k: v for k, v in flags.items() if v is not None} | _parse_sets(sets)
-    if "synthetic_multiple" in given and "synthetic_per_class" not in given:
-        given["synthetic_per_class"] = None  # K x the real set, not the recipe's number per class
-    base |= given
+    base |= synthetic_size_overrides(given)
     try:
         config = ExperimentConfig.model_validate(base | {"domain": domains[0]})
     except ValidationError as exc:

@@ -75,6 +75,15 @@ def recipe_values(name: str) -> dict[str, Any]:
     return dict(RECIPES[name])
 
 
+def synthetic_size_overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (fields a user set) with the set-size rule applied: a ``synthetic_multiple`` asked for without a
+    ``synthetic_per_class`` means the multiple, not the recipe's fixed number per class. Doors that merge flags
+    into dumped defaults apply it to the flags before merging."""
+    if "synthetic_multiple" in given and "synthetic_per_class" not in given:
+        return {**given, "synthetic_per_class": None}
+    return given
+
+
 def without_added_defaults(data: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
     """``data`` less the fields in ``added`` (field -> the value it implicitly had before it existed) that
     still hold that value: a fingerprint taken over ``data`` then matches records made before the field."""
@@ -187,11 +196,7 @@ class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
     @model_validator(mode="before")
     @classmethod
     def _multiple_without_per_class(cls, data: Any) -> Any:
-        """Asking for K x the real set (and not for a number per class) means the multiple, not the recipe's
-        fixed number per class."""
-        if isinstance(data, dict) and "synthetic_multiple" in data and "synthetic_per_class" not in data:
-            return {**data, "synthetic_per_class": None}
-        return data
+        return synthetic_size_overrides(data) if isinstance(data, dict) else data
 
     @property
     def experiment_name(self) -> str:

@@ -112,6 +112,13 @@ def test_synthetic_set_size_is_a_number_per_class_or_a_multiple(settings):
     assert ExperimentConfig().synthetic_per_class == 512
     assert ExperimentConfig(synthetic_multiple=2.0).synthetic_per_class is None
     assert ExperimentConfig(synthetic_multiple=2.0, synthetic_per_class=9).synthetic_per_class == 9
+    # the doors that merge flags into dumped defaults (both CLIs) apply the same rule to the flags
+    from meddiffuse.config import recipe_values, synthetic_size_overrides
+
+    flags = synthetic_size_overrides({"synthetic_multiple": 2.0})
+    merged = ExperimentConfig().model_dump() | recipe_values("cpu-study") | flags
+    assert ExperimentConfig.model_validate(merged).synthetic_per_class is None
+    assert synthetic_size_overrides({"synthetic_per_class": 9}) == {"synthetic_per_class": 9}
 
     quiet = dict(progress=False, log=lambda m: None)
     exp = Experiment(toy_config(name="size"), settings, **quiet)

@@ -9,7 +9,7 @@ import typer
 
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.cli.tables import results_table
-from meddiffuse.config import ExperimentConfig, Settings, recipe_values
+from meddiffuse.config import ExperimentConfig, Settings, recipe_values, synthetic_size_overrides
 
 
 @app.command("experiment")
@@ -57,8 +57,7 @@ def experiment_cmd(
     }
     if filter_synthetic:
         overrides["filter_synthetic"] = True
-    if synthetic_multiple is not None and synthetic_per_class is None:
-        overrides["synthetic_per_class"] = None  # K x the real set, not the recipe's number per class
+    overrides = synthetic_size_overrides(overrides)  # before the recipe: the user's flags win over it
     try:
         if recipe:
             overrides = recipe_values(recipe) | overrides
