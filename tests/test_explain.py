@@ -195,10 +195,12 @@ def _iou(a: list[int], b: list[int]) -> float:
 def test_top5_agrees_with_lime_image_as_well_as_lime_agrees_with_itself(
     predict_fn, lesion_cases, lesion_explanations
 ):
-    """Independent random samples, shared segmentation: our top-5 superpixels match lime_image's
-    (IoU >= 0.8) and about as well as two lime_image runs with different seeds match each other."""
-    from lime import lime_image
+    """Independent random samples, shared segmentation: our top-5 superpixels match lime_image's about as
+    well as two lime_image runs with different seeds match each other, and far better than chance.
 
+    The bar is relative because LIME at 1000 samples is noisy: two lime_image seeds share only ~4 of their
+    top 5 on these phantoms (IoU ~0.7-0.8, varying with the CPU's float rounding in the trained CNN)."""
+    from lime import lime_image
 
     def lime_top5(image: np.ndarray, label: int, segments: np.ndarray, seed: int) -> list[int]:
         exp = lime_image.LimeImageExplainer(random_state=seed).explain_instance(
@@ -207,13 +209,16 @@ def test_top5_agrees_with_lime_image_as_well_as_lime_agrees_with_itself(
         )
         return [f for f, w in exp.local_exp[label] if w > 0][:5]
 
-    ours_vs_lime, lime_vs_lime = [], []
-    for (image, label, _), ours in zip(lesion_cases[:6], lesion_explanations, strict=False):
+    ours_vs_lime, lime_vs_lime, chance = [], [], []
+    for (image, label, _), ours in zip(lesion_cases, lesion_explanations, strict=False):
         first = lime_top5(image, label, ours.segments, seed=1)  # our default SLIC segments, shared
         ours_vs_lime.append(_iou(ours.top_segments, first))
         lime_vs_lime.append(_iou(first, lime_top5(image, label, ours.segments, seed=2)))
-    assert np.mean(ours_vs_lime) >= 0.8, ours_vs_lime
+        shuffled = np.random.default_rng(0).permutation(ours.n_segments)[: len(first)].tolist()
+        chance.append(_iou(shuffled, first))
+    assert len(ours_vs_lime) == 10
     assert np.mean(ours_vs_lime) >= np.mean(lime_vs_lime) - 0.1, (ours_vs_lime, lime_vs_lime)
+    assert np.mean(ours_vs_lime) >= 0.6 > np.mean(chance) + 0.3, (ours_vs_lime, chance)
 
 
 # --- library behaviour -------------------------------------------------------------------------------------
