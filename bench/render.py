@@ -396,7 +396,7 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("curve", "recipe", "size", "sampling", "classifier", "generator")
+SCIENCE_PLANS = ("curve", "recipe", "size", "training", "sampling", "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
@@ -413,7 +413,10 @@ def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
         tstr = r.get("tstr") or {}
         out.append([r.get("lever", "?"), r.get("value", "?"), gen, sampling,
                     f"{c.get('epochs', '?')} ep, aug {c.get('augmentation_strength', '?')}"
-                    + (f", mix {c.get('mixup'):g}/{c.get('cutmix'):g}" if c.get("mixup") or c.get("cutmix") else ""),
+                    + (f", mix {c.get('mixup'):g}/{c.get('cutmix'):g}" if c.get("mixup") or c.get("cutmix") else "")
+                    # rows from before these keys were recorded held out 10% and kept no EMA
+                    + (", last epoch" if c.get("val_fraction") == 0 else "")
+                    + (f", EMA {c['ema_decay']:g}" if c.get("ema_decay") else ""),
                     _num(r.get("class_fidelity"), 2), _num(r.get("coverage"), 2), class_cov, _num(r.get("recall"), 2),
                     _num(r.get("fd"), 1), ms, f"{_num(tstr.get('accuracy'))}{_ci(tstr.get('accuracy_ci95'))}",
                     _num((r.get("trtr") or {}).get("accuracy")), _ratio(r.get("tstr_over_trtr"), 2),

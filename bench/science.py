@@ -122,7 +122,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 # -- evaluation ----------------------------------------------------------------------------------------
 # A row: which generator (variant, snapshot step, EMA), how it is sampled, how the classifier is trained.
 DEFAULT_SAMPLING = {"sampler": "dpmsolver++", "steps": 20, "guidance": 2.0, "per_class": 128}
-DEFAULT_RECIPE = {"epochs": 6, "augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0, "lr": 1e-3}
+DEFAULT_RECIPE = {"epochs": 6, "augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0, "lr": 1e-3,
+                  # 0.1 held out to pick the best epoch (0 = train on all, keep the last); an EMA of the weights
+                  "val_fraction": 0.1, "ema_decay": None}
 BEST_CLASSIFIER: dict[str, Any] = {}  # the classifier plan's winner on brain-mri (changes to DEFAULT_RECIPE)
 
 
@@ -179,6 +181,21 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         # the larger set first (`--first 1`); the 128 row is the recipe row (mixed included), scored once
         return [row("synthetic per class", n, step=final, mixed=n == 128, sampler=CPU_STUDY["sampler"],
                     guidance=CPU_STUDY["guidance"], per_class=n, **BEST_CLASSIFIER) for n in (512, 128)]
+    if name == "training":  # TSTR is also a training problem: the classifier's recipe on the recipe's synthetic set
+        from meddiffuse.config import CPU_STUDY
+
+        recipe_set = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
+                      "per_class": CPU_STUDY["synthetic_per_class"]}
+        # the first row is the recipe row (cached: scored once); the synthetic validation split picks the epoch
+        # that fits *synthetic* images best, which need not be the one that transfers to real ones
+        return [row("classifier training", "best epoch on synthetic val (default)", step=final, mixed=True,
+                    **recipe_set),
+                row("classifier training", "last epoch, no val split", step=final, val_fraction=0.0, **recipe_set),
+                row("classifier training", "EMA 0.998 of the weights", step=final, ema_decay=0.998, **recipe_set),
+                row("classifier training", "last epoch + EMA 0.998", step=final, val_fraction=0.0, ema_decay=0.998,
+                    **recipe_set),
+                row("classifier training", "12 epochs, last epoch", step=final, val_fraction=0.0, epochs=12,
+                    **recipe_set)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         from meddiffuse.config import CPU_STUDY
 
@@ -249,9 +266,9 @@ class Evaluator:
                                 classes=exp.domain.classes, seed=0)
         t0 = time.monotonic()
         info = train_classifier(clf, sources, domain=exp.domain, epochs=recipe["epochs"], batch_size=32,
-                                lr=recipe["lr"], val_fraction=0.1, early_stopping_patience=4,
+                                lr=recipe["lr"], val_fraction=recipe["val_fraction"], early_stopping_patience=4,
                                 augmentation_strength=recipe["augmentation_strength"], mixup=recipe["mixup"],
-                                cutmix=recipe["cutmix"], seed=0)
+                                cutmix=recipe["cutmix"], ema_decay=recipe["ema_decay"], seed=0)
         r = evaluate(clf, exp.test_set, "test", bootstrap=1000, seed=0)
         out = {"accuracy": r.accuracy, "accuracy_ci95": list(r.accuracy_ci95 or []),
                "balanced_accuracy": r.balanced_accuracy,
@@ -282,19 +299,16 @@ class Evaluator:
                               batch_size=64)
         return ds, gen, time.monotonic() - t0, resolution
 
-    def score(self, r: dict[str, Any]) -> dict[str, Any]:
-        # the cache key is the configuration, not its label: the same row in two plans is scored once
-        cache = WORK / self.domain / "rows" / f"{key_of({k: v for k, v in r.items() if k not in LABELS})}.json"
-        labelled = WORK / self.domain / "rows" / f"{key_of(r)}.json"  # rows scored before labels left the key
-        for found in (cache, labelled):
-            if found.exists():
-                return {**json.loads(found.read_text()), **{k: r[k] for k in LABELS}}
+    def quality(self, ds, resolution: int) -> dict[str, Any]:
+        """Class fidelity and the audit of one synthetic set, cached by the set's id: rows that change only the
+        classifier's training share their set and are audited once."""
         from meddiffuse.quality.audit import run_audit
         from meddiffuse.quality.class_fidelity import class_fidelity
         from meddiffuse.quality.features import classifier_extractor
 
-        t0 = time.monotonic()
-        ds, gen, sample_seconds, resolution = self.synthetic(r)
+        cache = WORK / self.domain / "quality" / f"{ds.id}-{resolution}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
         exp, judge = self.exp(resolution), self.judge(resolution)
         images, labels = ds.load_arrays()
         fid = class_fidelity(judge, images, labels, bootstrap=1000, seed=0)
@@ -305,17 +319,31 @@ class Evaluator:
                          "ms_ssim": sec.diversity.synthetic_ms_ssim, "real_ms_ssim": sec.diversity.real_ms_ssim,
                          "class_fidelity": fid.per_class_fidelity.get(c)}
                      for c, sec in audit.per_class.items()}
-        trtr = self.real_baseline(resolution) if r["recipe"] == DEFAULT_RECIPE else self.classifier(resolution,
-                                                                                                     r["recipe"])
-        tstr = self.classifier(resolution, r["recipe"], synthetic=ds, real=False)
-        mixed = self.classifier(resolution, r["recipe"], synthetic=ds, real=True) if r["mixed"] else None
-        out = {**r, "resolution": resolution, "generator_steps": gen.meta.steps_trained,
-               "class_fidelity": fid.class_fidelity, "class_fidelity_ci95": fid.class_fidelity_ci95,
+        out = {"class_fidelity": fid.class_fidelity, "class_fidelity_ci95": fid.class_fidelity_ci95,
                "coverage": overall.coverage, "recall": overall.recall, "precision": overall.precision,
                "fd": overall.frechet_distance, "c2st_accuracy": overall.c2st_accuracy,
                "ms_ssim": audit.overall.diversity.synthetic_ms_ssim,
                "real_ms_ssim": audit.overall.diversity.real_ms_ssim, "per_class": per_class,
-               "gate_passed": audit.gate.passed, "flagged_share": audit.gate.flagged_share,
+               "gate_passed": audit.gate.passed, "flagged_share": audit.gate.flagged_share}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out, default=float))
+        return json.loads(cache.read_text())  # the same JSON types whether computed now or read back
+
+    def score(self, r: dict[str, Any]) -> dict[str, Any]:
+        # the cache key is the configuration, not its label: the same row in two plans is scored once
+        cache = WORK / self.domain / "rows" / f"{key_of({k: v for k, v in r.items() if k not in LABELS})}.json"
+        labelled = WORK / self.domain / "rows" / f"{key_of(r)}.json"  # rows scored before labels left the key
+        for found in (cache, labelled):
+            if found.exists():
+                return {**json.loads(found.read_text()), **{k: r[k] for k in LABELS}}
+        t0 = time.monotonic()
+        ds, gen, sample_seconds, resolution = self.synthetic(r)
+        quality = self.quality(ds, resolution)
+        trtr = self.real_baseline(resolution) if r["recipe"] == DEFAULT_RECIPE else self.classifier(resolution,
+                                                                                                     r["recipe"])
+        tstr = self.classifier(resolution, r["recipe"], synthetic=ds, real=False)
+        mixed = self.classifier(resolution, r["recipe"], synthetic=ds, real=True) if r["mixed"] else None
+        out = {**r, "resolution": resolution, "generator_steps": gen.meta.steps_trained, **quality,
                "trtr": trtr, "tstr": tstr, "mixed_result": mixed,
                "tstr_over_trtr": tstr["accuracy"] / trtr["accuracy"],
                "tstr_over_trtr_balanced": tstr["balanced_accuracy"] / trtr["balanced_accuracy"],
@@ -323,8 +351,8 @@ class Evaluator:
                "sample_seconds": round(sample_seconds, 1), "seconds": round(time.monotonic() - t0, 1)}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(out, default=float))
-        print(f"[science] {self.domain} {r['lever']}={r['value']}: fidelity {fid.class_fidelity:.2f} "
-              f"coverage {overall.coverage:.2f} TSTR {tstr['accuracy']:.3f} / TRTR {trtr['accuracy']:.3f} = "
+        print(f"[science] {self.domain} {r['lever']}={r['value']}: fidelity {quality['class_fidelity']:.2f} "
+              f"coverage {quality['coverage']:.2f} TSTR {tstr['accuracy']:.3f} / TRTR {trtr['accuracy']:.3f} = "
               f"{out['tstr_over_trtr']:.2f}" + (f", mixed {out['mixed_over_trtr']:.2f}" if mixed else ""),
               flush=True)
         return out
@@ -448,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("evaluate", help="score a plan's rows and write its result JSON")
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
     e.add_argument("--plan", default="curve",
-                   choices=["curve", "generator", "sampling", "classifier", "size", "recipe"])
+                   choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")

@@ -259,3 +259,18 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
     target = "| science-curve-brain-mri | mixed accuracy >= TRTR, audit gate passed |"
     assert f"{target} 1.010; audit gate passed | ✅ |" in out
     assert "science" not in render_section({})
+
+
+def test_science_rows_say_how_the_classifier_picked_its_weights():
+    default = science_row("classifier training", "default", 1200, 0.74)
+    last = science_row("classifier training", "last", 1200, 0.76)
+    last["recipe"] |= {"val_fraction": 0.0, "ema_decay": None}
+    ema = science_row("classifier training", "ema", 1200, 0.77)
+    ema["recipe"] |= {"val_fraction": 0.1, "ema_decay": 0.998}
+    result = {"benchmark": "science-training-all", "date": "2026-12-03", "machine": MACHINE, "domain": "all",
+              "plan": "training", "seed": 0, "generator_runs": {}, "rows": [default, last, ema]}
+    out = render_section({"science-training-all": result})
+    assert "**all — training**" in out
+    assert "| default | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 |" in out
+    assert "| last | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0, last epoch |" in out
+    assert "| ema | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0, EMA 0.998 |" in out
