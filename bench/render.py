@@ -396,14 +396,15 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("curve", "recipe", "size", "training", "sampling", "classifier", "generator")
+SCIENCE_PLANS = ("curve", "recipe", "size", "training", "augment", "sampling", "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
     out = []
     for r in d.get("rows") or []:
         gen = f"{r.get('variant', '?')} @ {r.get('generator_steps', '?')}" + (
-            "" if r.get("ema") is None else f", EMA {r['ema']:g}" if r["ema"] else ", raw weights")
+            "" if r.get("ema") is None else f", EMA {r['ema']:g}" if r["ema"] else ", raw weights") + (
+            " (recorded)" if r.get("recorded_in") else "")
         s, c = r.get("sampling") or {}, r.get("recipe") or {}
         sampling = (f"{s.get('sampler', '?')}, w={s.get('guidance', '?'):g}, {s.get('steps', '?')} steps, "
                     f"{s.get('per_class', '?')}/class")
@@ -455,6 +456,10 @@ def science_section(results: dict[str, dict]) -> list[str]:
         lines += [f"**{d.get('domain', name)} — {d.get('plan', '?')}** ({budget}; classes in per-class columns: "
                   f"{classes})", ""]
         lines += _table(header, _science_rows(d))
+        again = sorted({r["recorded_in"] for r in d.get("rows") or [] if r.get("recorded_in")})
+        if again:  # rows whose generator was not in the run's working folder
+            lines += ["", f"_(recorded): the same configuration as scored in {', '.join(again)}, read back, not "
+                          "re-run: on one torch thread a fresh re-run reproduces every metric of a row._"]
         lines += ["", machine_line(d), ""]
     return lines
 

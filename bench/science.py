@@ -196,12 +196,45 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                     **recipe_set),
                 row("classifier training", "12 epochs, last epoch", step=final, val_fraction=0.0, epochs=12,
                     **recipe_set)]
+    if name == "augment":  # generator augmentation at the recipe's budget and set, against the recipe row
+        from meddiffuse.config import CPU_STUDY
+
+        recipe_set = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
+                      "per_class": CPU_STUDY["synthetic_per_class"]}
+        # the first row is the recipe row (the base run's, read back from bench/results when the base generator
+        # is not in this working folder: a fresh re-run reproduces every one of its metrics)
+        return [row("generator augmentation", "flips only (recipe)", step=final, mixed=True, **recipe_set),
+                row("generator augmentation", "flips + affine/intensity (strength 1)", variant="augment", step=final,
+                    mixed=True, **recipe_set)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         from meddiffuse.config import CPU_STUDY
 
         return [row("recipe", "cpu-study", step=final, mixed=True, sampler=CPU_STUDY["sampler"],
                     guidance=CPU_STUDY["guidance"], per_class=CPU_STUDY["synthetic_per_class"], **BEST_CLASSIFIER)]
     raise SystemExit(f"unknown plan {name!r}")
+
+
+# what makes two rows the same measurement (labels and results aside)
+CONFIG_KEYS = ("variant", "step", "ema", "sampling", "recipe", "mixed")
+
+
+def recorded(domain: str, r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The row ``r`` as an earlier run scored it into bench/results (and that run's generator record), or None.
+
+    For generators no longer in the working folder: on one torch thread the whole pipeline is deterministic (a
+    fresh re-run of the recipe rows reproduced every metric), so a recorded row is the row."""
+    from bench.common import RESULTS
+
+    want = {k: r[k] for k in CONFIG_KEYS}
+    for path in sorted(RESULTS.glob(f"science-*-{domain}.json")):
+        d = json.loads(path.read_text())
+        if d.get("domain") != domain:
+            continue
+        for found in d.get("rows") or []:
+            if {k: found.get(k) for k in CONFIG_KEYS} == want and r["variant"] in (d.get("generator_runs") or {}):
+                return ({**found, **{k: r[k] for k in LABELS}, "recorded_in": path.name},
+                        d["generator_runs"][r["variant"]])
+    return None
 
 
 def trained(domain: str, variant: str) -> dict[str, Any]:
@@ -336,6 +369,12 @@ class Evaluator:
         for found in (cache, labelled):
             if found.exists():
                 return {**json.loads(found.read_text()), **{k: r[k] for k in LABELS}}
+        if not (WORK / self.domain / f"train-{r['variant']}.json").exists():
+            again = recorded(self.domain, r)
+            if again is None:
+                raise SystemExit(f"{self.domain}/{r['variant']} is not trained here and no recorded row matches "
+                                 f"{r['lever']}={r['value']}: run `bench/science.py train` first")
+            return again[0]
         t0 = time.monotonic()
         ds, gen, sample_seconds, resolution = self.synthetic(r)
         quality = self.quality(ds, resolution)
@@ -377,6 +416,20 @@ def write_grids(ev: Evaluator, rows: list[dict[str, Any]]) -> None:
             r["grid"] = str(committed.relative_to(RESULTS.parents[1]))
 
 
+def describe_run(t: dict[str, Any]) -> dict[str, Any]:
+    """A generator run's record as the results JSON gives it."""
+    info, config = t["info"], t["config"]
+    return {"overrides": t["overrides"], "steps": info["steps_trained"],
+            # seconds and speed of the last session (a resumed run's first part is not in it)
+            "seconds": info["seconds"], "images_per_second": info["images_per_second"],
+            "resumed_from_step": info["resumed_from_step"],
+            "seconds_per_step": round(info["seconds"] / max(1, info["steps_trained"] - (
+                info["resumed_from_step"] or 0)), 2),
+            "torch_threads": t.get("torch_threads"), "snapshots": t["snapshots"], "ema_variants": t["ema_variants"],
+            "preset": config["preset"], "resolution": config["resolution"], "lr_schedule": config["lr_schedule"],
+            "ema_decay": config["ema_decay"], "augment_strength": config.get("augment_strength", 0.0)}
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     t0 = time.monotonic()
     if a.snapshots:  # score a running base run's snapshots early (cached for the full evaluation later)
@@ -389,24 +442,20 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     final = a.step or base["info"]["steps_trained"]
     ev = Evaluator(a.domain)
     rows = [ev.score(r) for r in plan(a.plan, a.domain, final, variant)[:getattr(a, "first", None)]]
-    runs = {v: trained(a.domain, v) for v in {r["variant"] for r in rows}}
+    runs: dict[str, dict[str, Any]] = {}
+    for r in rows:  # the generator runs behind the rows: this folder's records, or the recorded row's run
+        if r["variant"] not in runs:
+            runs[r["variant"]] = (describe_run(trained(a.domain, r["variant"])) if "recorded_in" not in r else
+                                  {**recorded(a.domain, r)[1], "recorded_in": r["recorded_in"]})
     if a.plan == "curve":
         write_grids(ev, [r for r in rows if r["lever"] == "generator steps"])
-    name = a.plan if variant == "base" else f"{a.plan}-{variant}"
+    if a.plan == "augment":
+        write_grids(ev, [r for r in rows if "recorded_in" not in r])
+    name = a.plan if variant in ("base", a.plan) else f"{a.plan}-{variant}"
     path = write_result(f"science-{name}-{a.domain}", {
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
         "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
-        "generator_runs": {v: {"overrides": t["overrides"], "steps": t["info"]["steps_trained"],
-                               # seconds and speed of the last session (a resumed run's first part is not in it)
-                               "seconds": t["info"]["seconds"], "images_per_second": t["info"]["images_per_second"],
-                               "resumed_from_step": t["info"]["resumed_from_step"],
-                               "seconds_per_step": round(t["info"]["seconds"] / max(1, t["info"]["steps_trained"] - (
-                                   t["info"]["resumed_from_step"] or 0)), 2),
-                               "torch_threads": t.get("torch_threads"),
-                               "snapshots": t["snapshots"], "ema_variants": t["ema_variants"],
-                               "preset": t["config"]["preset"], "resolution": t["config"]["resolution"],
-                               "lr_schedule": t["config"]["lr_schedule"], "ema_decay": t["config"]["ema_decay"]}
-                           for v, t in runs.items()},
+        "generator_runs": runs,
         "defaults": {"sampling": DEFAULT_SAMPLING, "recipe": DEFAULT_RECIPE},
         "rows": rows, "minutes_total": round((time.monotonic() - t0) / 60, 1),
     })
@@ -476,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("evaluate", help="score a plan's rows and write its result JSON")
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
     e.add_argument("--plan", default="curve",
-                   choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training"])
+                   choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training", "augment"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")

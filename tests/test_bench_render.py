@@ -274,3 +274,33 @@ def test_science_rows_say_how_the_classifier_picked_its_weights():
     assert "| default | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 |" in out
     assert "| last | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0, last epoch |" in out
     assert "| ema | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0, EMA 0.998 |" in out
+
+
+def test_a_recorded_science_row_is_marked_and_says_where_it_was_read_from():
+    fresh = science_row("generator augmentation", "affine", 1200, 0.78)
+    again = science_row("generator augmentation", "flips only", 1200, 0.74) | {
+        "recorded_in": "science-recipe-brain-mri.json"}
+    result = {"benchmark": "science-augment-brain-mri", "date": "2026-12-04", "machine": MACHINE,
+              "domain": "brain-mri", "plan": "augment", "seed": 0, "generator_runs": {}, "rows": [again, fresh]}
+    out = render_section({"science-augment-brain-mri": result})
+    assert "| flips only | base @ 1200 (recorded) |" in out
+    assert "| affine | base @ 1200 |" in out
+    assert "_(recorded): the same configuration as scored in science-recipe-brain-mri.json" in out
+
+
+def test_science_reads_back_a_recorded_row_only_for_the_same_configuration(tmp_path, monkeypatch):
+    import bench.common
+    from bench import science
+
+    scored = science.row("recipe", "cpu-study", step=1200, mixed=True, per_class=512) | {"tstr": {"accuracy": 0.74}}
+    (tmp_path / "science-recipe-brain-mri.json").write_text(json.dumps(
+        {"domain": "brain-mri", "generator_runs": {"base": {"steps": 1200}}, "rows": [scored]}))
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    same = science.row("generator augmentation", "flips only", step=1200, mixed=True, per_class=512)
+    found, run = science.recorded("brain-mri", same)
+    assert found["tstr"]["accuracy"] == 0.74 and run == {"steps": 1200}
+    assert (found["lever"], found["value"], found["recorded_in"]) == (
+        "generator augmentation", "flips only", "science-recipe-brain-mri.json")
+    assert science.recorded("brain-mri", science.row("x", "y", step=1200, mixed=True, per_class=128)) is None
+    assert science.recorded("brain-mri", same | {"variant": "augment"}) is None
+    assert science.recorded("all", same) is None
