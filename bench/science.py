@@ -59,7 +59,7 @@ def experiment(domain: str, resolution: int = RESOLUTION):
     settings = Settings(home=WORK / domain)
     config = ExperimentConfig(domain=domain, data=data, name=f"science-{domain}-{resolution}px",
                               resolution=resolution, train_fraction=0.2, archs=[ARCH], epochs=6, input_size=96,
-                              val_fraction=0.1, explain_per_model=0, register_models=False, seed=0,
+                              val_fraction=0.1, ema_decay=None, explain_per_model=0, register_models=False, seed=0,
                               # the experiment only gives the split and the judge; this bench trains its own
                               # generators, so these stay as first recorded (the defaults before cpu-study)
                               generator_preset="cpu-small", generator_steps=700, sampler="dpmsolver++",

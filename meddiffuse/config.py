@@ -124,6 +124,8 @@ class ClassifierRecipe(Seeded):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the training images held out to pick "
                                 "the best epoch; 0 = train on all and keep the last epoch.")
     early_stopping_patience: int | None = Field(4, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the "
+                                    "weights and use it (e.g. 0.998); None = the raw weights.")
     augmentation_strength: float = Field(1.0, ge=0, le=3, description="Affine/intensity augmentation (0 = flips only).")
     mixup: float = Field(0.0, ge=0, description="timm Mixup alpha (0 = off).")
     cutmix: float = Field(0.0, ge=0, description="timm CutMix alpha (0 = off).")

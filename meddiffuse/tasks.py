@@ -53,7 +53,7 @@ RECORD_FILE = "task.json"  # the commit point of a train-and-register task under
 
 
 # spec fields added after records were fingerprinted, with the value they had implicitly before
-ADDED_FIELDS: dict[str, Any] = {"augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0}
+ADDED_FIELDS: dict[str, Any] = {"augmentation_strength": 1.0, "mixup": 0.0, "cutmix": 0.0, "ema_decay": None}
 
 
 def fingerprint(spec: BaseModel, *, exclude: set[str] | None = None, extra: dict[str, Any] | None = None) -> str:
@@ -156,7 +156,7 @@ def train_and_register_classifier(
             clf, [(ds, "train") for ds in train_sets], domain=domain, epochs=spec.epochs,
             batch_size=spec.batch_size, lr=spec.lr, balanced=spec.balanced, val_fraction=spec.val_fraction,
             early_stopping_patience=spec.early_stopping_patience, augmentation_strength=spec.augmentation_strength,
-            mixup=spec.mixup, cutmix=spec.cutmix, seed=spec.seed, progress=progress,
+            mixup=spec.mixup, cutmix=spec.cutmix, ema_decay=spec.ema_decay, seed=spec.seed, progress=progress,
         )
         result = evaluate(clf, test_set, "test", bootstrap=spec.bootstrap, seed=spec.seed)
         row = {

@@ -371,6 +371,25 @@ def test_mixup_cutmix_train_on_soft_targets_seeded_and_leave_numpy_alone(brain_p
         run(mixup=-1.0)
 
 
+def test_ema_of_the_weights_is_what_training_keeps(brain_phantoms):
+    def run(ema_decay):
+        clf = create_classifier(TINY, 4, 1, weights="none", classes=BRAIN.classes, seed=0)
+        result = train_classifier(clf, brain_phantoms, domain=BRAIN, epochs=2, batch_size=8, lr=3e-3, seed=0,
+                                  val_fraction=0.0, ema_decay=ema_decay, progress=False)
+        return result, clf.model.state_dict()
+
+    raw, w_raw = run(None)
+    # an average that forgets at once is the raw weights: the EMA does not change the training trajectory
+    instant, w_instant = run(1e-9)
+    # a slow one keeps the pretraining/early weights in the mix: another model
+    slow, w_slow = run(0.9)
+    floats = [k for k, v in w_raw.items() if v.is_floating_point()]
+    assert all(torch.allclose(w_raw[k], w_instant[k], atol=1e-5) for k in floats)
+    assert not all(torch.allclose(w_raw[k], w_slow[k], atol=1e-5) for k in floats)
+    assert (raw.hyperparameters["ema_decay"], slow.hyperparameters["ema_decay"]) == (None, 0.9)
+    assert slow.best_epoch == slow.epochs_run == 2  # no validation split: the last epoch's (averaged) weights
+
+
 def test_training_refuses_real_test_images_and_mismatched_classes(store, brain_phantoms):
     clf = create_classifier(TINY, 4, 1, weights="none")
     with pytest.raises(ValueError, match="real test images"):

@@ -295,3 +295,19 @@ def test_model_names():
     assert generator_model_name("all") == "meddiffuse-generator-all"
     with pytest.raises(ValueError, match="cannot name a registered model"):
         classifier_model_name("brain/mri")
+
+
+def test_classifier_ema_is_part_of_the_spec_fingerprint_and_old_records_still_match():
+    import hashlib
+
+    from meddiffuse.tasks import fingerprint
+
+    plain = spec(seed=1)
+    # a record fingerprinted before `ema_decay` existed: the same payload without the field
+    payload = plain.model_dump(mode="json", exclude={"alias", "prefix", "register_model", "ema_decay",
+                                                     "augmentation_strength", "mixup", "cutmix"})
+    before = hashlib.sha256(json.dumps({"spec": payload}, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(plain) == before
+    assert fingerprint(spec(seed=1, ema_decay=0.998)) != fingerprint(plain)
+    with pytest.raises(ValueError, match="ema_decay"):
+        spec(seed=1, ema_decay=1.0)
