@@ -130,11 +130,17 @@ def study_section(results: dict[str, dict]) -> list[str]:
                            _mark(audit.get("passed")), audit.get("summary") or "—"])
         gen = d.get("generator") or {}
         budget = _budget(gen)
-        notes.append(f"- {domain}: {machine_line(d)} Generator {gen.get('preset', '?')} {budget} "
+        clf = d.get("classifier") or {}
+        picks = ("" if not clf else (f", the best epoch on a {clf['val_fraction']:.0%} val split"
+                                     if clf.get("val_fraction") else ", the last epoch")
+                 + (f" with weight EMA {clf['ema_decay']:g}" if clf.get("ema_decay") else ""))
+        recipe = f" Recipe `{d['recipe']}`" + (f" with {d['overrides']}" if d.get("overrides") else "") + \
+            "." if d.get("recipe") else ""
+        notes.append(f"- {domain}: {machine_line(d)}{recipe} Generator {gen.get('preset', '?')} {budget} "
                      f"({gen.get('steps', '?')} steps trained), {d.get('synthetic_per_class', '?')} synthetic "
                      f"images per class ({d.get('sampler', '?')}, {d.get('sampling_steps', '?')} steps, guidance "
                      f"{d.get('guidance', '?')}), classifiers {d.get('epochs', '?')} epochs at "
-                     f"{d.get('classifier_input', '?')} px; {d.get('minutes_total', '?')} min in all.")
+                     f"{d.get('classifier_input', '?')} px{picks}; {d.get('minutes_total', '?')} min in all.")
         notes += ["  " + t for t in _targets(d)]
     if rows:
         lines += _table(["domain", "architecture", "train data", "accuracy [95% CI]", "balanced acc.", "macro-F1",
@@ -396,7 +402,8 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("curve", "recipe", "size", "training", "augment", "sampling", "classifier", "generator")
+SCIENCE_PLANS = ("curve", "recipe", "size", "training", "augment", "resolution", "sampling", "classifier",
+                 "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:

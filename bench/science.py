@@ -206,6 +206,15 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         return [row("generator augmentation", "flips only (recipe)", step=final, mixed=True, **recipe_set),
                 row("generator augmentation", "flips + affine/intensity (strength 1)", variant="augment", step=final,
                     mixed=True, **recipe_set)]
+    if name == "resolution":  # 64 px at the FLOPs of the 32-px recipe generator (a step costs ~4x): 1/4 the steps
+        from meddiffuse.config import CPU_STUDY
+
+        at = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"], "per_class": 128}
+        # 128 per class: a 64-px image costs ~4x to sample too; the 32-px row at 128 is the size plan's (recorded)
+        return [row("generator resolution", f"32 px, {CPU_STUDY['generator_steps']} steps (recipe)",
+                    step=CPU_STUDY["generator_steps"], mixed=True, **at),
+                row("generator resolution", f"64 px, {final} steps (equal FLOPs)", variant="px64", step=final,
+                    mixed=True, **at)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         from meddiffuse.config import CPU_STUDY
 
@@ -216,6 +225,7 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
 
 # what makes two rows the same measurement (labels and results aside)
 CONFIG_KEYS = ("variant", "step", "ema", "sampling", "recipe", "mixed")
+RECIPE_ADDED = {"val_fraction": 0.1, "ema_decay": None}  # classifier keys added later -> their value before
 
 
 def recorded(domain: str, r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -225,13 +235,16 @@ def recorded(domain: str, r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     fresh re-run of the recipe rows reproduced every metric), so a recorded row is the row."""
     from bench.common import RESULTS
 
-    want = {k: r[k] for k in CONFIG_KEYS}
+    def config(x: dict[str, Any]) -> dict[str, Any]:  # recipes recorded before a key existed had its old value
+        return {k: ({**RECIPE_ADDED, **x[k]} if k == "recipe" else x.get(k)) for k in CONFIG_KEYS}
+
+    want = config(r)
     for path in sorted(RESULTS.glob(f"science-*-{domain}.json")):
         d = json.loads(path.read_text())
         if d.get("domain") != domain:
             continue
         for found in d.get("rows") or []:
-            if {k: found.get(k) for k in CONFIG_KEYS} == want and r["variant"] in (d.get("generator_runs") or {}):
+            if config(found) == want and r["variant"] in (d.get("generator_runs") or {}):
                 return ({**found, **{k: r[k] for k in LABELS}, "recorded_in": path.name},
                         d["generator_runs"][r["variant"]])
     return None
@@ -449,9 +462,9 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
                                   {**recorded(a.domain, r)[1], "recorded_in": r["recorded_in"]})
     if a.plan == "curve":
         write_grids(ev, [r for r in rows if r["lever"] == "generator steps"])
-    if a.plan == "augment":
+    if a.plan in ("augment", "resolution"):
         write_grids(ev, [r for r in rows if "recorded_in" not in r])
-    name = a.plan if variant in ("base", a.plan) else f"{a.plan}-{variant}"
+    name = f"curve-{variant}" if a.plan == "curve" and variant != "base" else a.plan  # a curve per variant
     path = write_result(f"science-{name}-{a.domain}", {
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
         "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
@@ -525,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("evaluate", help="score a plan's rows and write its result JSON")
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
     e.add_argument("--plan", default="curve",
-                   choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training", "augment"])
+                   choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training", "augment",
+                            "resolution"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")

@@ -141,6 +141,12 @@ def test_missing_results_say_not_run_yet():
                     "python bench/explain.py", "python bench/train_speed.py"):
         assert f"_not run yet_ (`{command}`)" in out.replace("_Not run yet_", "_not run yet_")
     assert "Targets at a glance" not in out
+    recipe = study("all") | {"recipe": "cpu-study", "overrides": {"generator_steps": 700},
+                             "classifier": {"epochs": 6, "val_fraction": 0.0, "ema_decay": 0.998}}
+    assert ("Recipe `cpu-study` with {'generator_steps': 700}." in render_section({"study-all": recipe})
+            and "96 px, the last epoch with weight EMA 0.998;" in render_section({"study-all": recipe}))
+    held_out = recipe | {"classifier": {"val_fraction": 0.1, "ema_decay": None}}
+    assert "96 px, the best epoch on a 10% val split;" in render_section({"study-all": held_out})
     partial = render_section({"study-all": study("all")})
     assert "| all | efficientnet_lite0 | real (TRTR)" in partial
     assert "brain-mri: _not run yet_" in partial
@@ -207,6 +213,19 @@ def test_runner_plan_fits_the_small_budget():
         assert b.optional or (BENCH / b.script).exists(), b.script
     with pytest.raises(SystemExit):
         select(BENCHMARKS, ["nope"])
+
+
+def test_runner_study_commands_parse_with_the_study_script():
+    from bench.__main__ import BENCHMARKS
+    from bench.study import parser
+
+    studies = [b for b in BENCHMARKS if b.script == "study.py"]
+    assert len(studies) == 3
+    for b in studies:
+        for scale in ("small", "full"):
+            a = parser().parse_args(b.args[scale])  # exits (SystemExit) on a flag the script lost
+            assert a.domain == b.name.removeprefix("study-") and a.recipe == "cpu-study"
+        assert parser().parse_args(b.args["full"]).steps is None  # the full scale is the recipe's budget
 
 
 def test_runner_reports_failures_and_requires_a_fresh_result(tmp_path, monkeypatch):

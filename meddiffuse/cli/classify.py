@@ -11,7 +11,7 @@ from rich.table import Table
 
 from meddiffuse.classify.architectures import ARCH_PRESETS, DEFAULT_ARCH, UnknownArchitectureError
 from meddiffuse.cli.app import app, console, fail
-from meddiffuse.config import Settings
+from meddiffuse.config import CPU_STUDY, Settings
 from meddiffuse.data.dataset import Dataset, DatasetNotFound, open_dataset
 from meddiffuse.domains import Domain
 from meddiffuse.store import create_store
@@ -90,14 +90,16 @@ def train_classifier_cmd(
     weights: Annotated[str, typer.Option(help="auto | none | PATH to a timm state dict/.safetensors")] = "auto",
     input_size: Annotated[int | None, typer.Option(help="Model input side in px (default: 96 when "
                                                         "pretrained, else the images' size)")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[int, typer.Option(min=1)] = CPU_STUDY["epochs"],
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate")] = 1e-3,
-    val_fraction: Annotated[float, typer.Option(help="Validation share carved from the training data")] = 0.1,
+    val_fraction: Annotated[float, typer.Option(help="Validation share carved from the training data to pick the "
+                                                    "best epoch (0: keep the last)")] = CPU_STUDY["val_fraction"],
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (none: off)")] = None,
     balanced: Annotated[bool, typer.Option(help="Sample classes equally")] = False,
     label_smoothing: Annotated[float, typer.Option()] = 0.1,
-    ema_decay: Annotated[float | None, typer.Option(help="Keep an EMA of the weights (e.g. 0.998)")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="Keep an EMA of the weights (0.998); 0: the raw "
+                                                          "weights")] = CPU_STUDY["ema_decay"],
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[str | None, typer.Option(help="Store prefix for the model "
                                                  "(default models/<domain>/<arch>-<origin>-s<seed>)")] = None,
@@ -123,7 +125,7 @@ def train_classifier_cmd(
                       f"input {clf.input_size or 'native'} px")
         result = train_classifier(clf, sources, domain=domain, epochs=epochs, batch_size=batch_size, lr=lr,
                                   val_fraction=val_fraction, balanced=balanced, label_smoothing=label_smoothing,
-                                  ema_decay=ema_decay, early_stopping_patience=patience, seed=seed,
+                                  ema_decay=ema_decay or None, early_stopping_patience=patience, seed=seed,
                                   progress=progress)
         console.print(_train_table(result))
         info: dict = {"train": result.model_dump(mode="json", exclude={"val_keys"})}
