@@ -130,6 +130,7 @@ def study_section(results: dict[str, dict]) -> list[str]:
                            _mark(audit.get("passed")), audit.get("summary") or "—"])
         gen = d.get("generator") or {}
         budget = _budget(gen)
+        trained_in = f" in {gen['seconds'] / 60:.1f} min" if gen.get("seconds") else ""
         clf = d.get("classifier") or {}
         picks = ("" if not clf else (f", the best epoch on a {clf['val_fraction']:.0%} val split"
                                      if clf.get("val_fraction") else ", the last epoch")
@@ -137,8 +138,9 @@ def study_section(results: dict[str, dict]) -> list[str]:
         recipe = f" Recipe `{d['recipe']}`" + (f" with {d['overrides']}" if d.get("overrides") else "") + \
             "." if d.get("recipe") else ""
         notes.append(f"- {domain}: {machine_line(d)}{recipe} Generator {gen.get('preset', '?')} {budget} "
-                     f"({gen.get('steps', '?')} steps trained), {d.get('synthetic_per_class', '?')} synthetic "
-                     f"images per class ({d.get('sampler', '?')}, {d.get('sampling_steps', '?')} steps, guidance "
+                     f"({gen.get('steps', '?')} steps trained{trained_in}), "
+                     f"{d.get('synthetic_per_class', '?')} synthetic images per class ({d.get('sampler', '?')}, "
+                     f"{d.get('sampling_steps', '?')} steps, guidance "
                      f"{d.get('guidance', '?')}), classifiers {d.get('epochs', '?')} epochs at "
                      f"{d.get('classifier_input', '?')} px{picks}; {d.get('minutes_total', '?')} min in all.")
         notes += ["  " + t for t in _targets(d)]
@@ -402,8 +404,8 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("curve", "recipe", "size", "training", "augment", "resolution", "sampling", "classifier",
-                 "generator")
+SCIENCE_PLANS = ("curve", "recipe", "diversity", "size", "training", "augment", "resolution", "sampling",
+                 "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
@@ -535,8 +537,11 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
             continue
         last = max(curve, key=lambda r: r.get("generator_steps") or 0)
         sampling = last.get("sampling") or {}
+        clf = {"val_fraction": 0.1, "ema_decay": None, **(last.get("recipe") or {})}  # keys recorded later
+        picks = "last epoch" if not clf["val_fraction"] else "val-picked epoch"
         at = (f"{last.get('generator_steps')} steps, {sampling.get('sampler', '?')}, "
-              f"{sampling.get('per_class', '?')}/class")
+              f"{sampling.get('per_class', '?')}/class, {picks}" + (f" + EMA {clf['ema_decay']:g}"
+                                                                   if clf["ema_decay"] else ""))
         rows.append([name, "TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study)",
                      f"{last['tstr_over_trtr']:.2f} at {at}", _mark(last["tstr_over_trtr"] >= 0.9)])
         if isinstance(last.get("mixed_over_trtr"), int | float):

@@ -215,11 +215,29 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                     step=CPU_STUDY["generator_steps"], mixed=True, **at),
                 row("generator resolution", f"64 px, {final} steps (equal FLOPs)", variant="px64", step=final,
                     mixed=True, **at)]
+    if name == "diversity":  # the levers still open after the recipe, each against the recipe row on one run
+        from meddiffuse.config import CPU_STUDY
+
+        classifier = {k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}
+        at = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
+              "per_class": CPU_STUDY["synthetic_per_class"], **classifier}
+        # most informative first (`--first N`): the recipe row (the study's number on this run), then diversity
+        # against fidelity (lower guidance, a larger set), the generator's EMA decay (kept beside the run by
+        # `train --ema-variants`), fewer sampler steps
+        rows = [row("recipe", "cpu-study", step=final, mixed=True, **at),
+                row("guidance + set size", "w=1.5, 1024/class", step=final, **(at | {"guidance": 1.5,
+                                                                                      "per_class": 1024})),
+                row("set size", "1024/class", step=final, **(at | {"per_class": 1024}))]
+        decays = [d for d in trained(domain, variant)["ema_variants"] if d > 0]
+        rows += [row("generator EMA decay", d, step=final, ema=d, **at) for d in decays]
+        return rows + [row("sampler steps", 10, step=final, steps=10, **at)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         from meddiffuse.config import CPU_STUDY
 
+        classifier = {k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}  # since 2026-12-06
         return [row("recipe", "cpu-study", step=final, mixed=True, sampler=CPU_STUDY["sampler"],
-                    guidance=CPU_STUDY["guidance"], per_class=CPU_STUDY["synthetic_per_class"], **BEST_CLASSIFIER)]
+                    guidance=CPU_STUDY["guidance"], per_class=CPU_STUDY["synthetic_per_class"],
+                    **(classifier | BEST_CLASSIFIER))]
     raise SystemExit(f"unknown plan {name!r}")
 
 
@@ -539,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
     e.add_argument("--plan", default="curve",
                    choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training", "augment",
-                            "resolution"])
+                            "resolution", "diversity"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")

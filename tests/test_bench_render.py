@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -145,6 +146,9 @@ def test_missing_results_say_not_run_yet():
                              "classifier": {"epochs": 6, "val_fraction": 0.0, "ema_decay": 0.998}}
     assert ("Recipe `cpu-study` with {'generator_steps': 700}." in render_section({"study-all": recipe})
             and "96 px, the last epoch with weight EMA 0.998;" in render_section({"study-all": recipe}))
+    # the generator's own minutes (the issue's budget is per generator), read from the run's seconds
+    timed = recipe | {"generator": {"preset": "cpu-study", "steps": 1200, "step_budget": 1200, "seconds": 1263.0}}
+    assert "(1200 steps trained in 21.1 min)" in render_section({"study-all": timed})
     held_out = recipe | {"classifier": {"val_fraction": 0.1, "ema_decay": None}}
     assert "96 px, the best epoch on a 10% val split;" in render_section({"study-all": held_out})
     partial = render_section({"study-all": study("all")})
@@ -274,9 +278,15 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
     assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | 0.880 | 0.80× | 1.01× | ✅ |" in out
     assert "science-curves.png" in out
     target = "| science-curve-brain-mri | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) |"
-    assert f"{target} 0.80 at 1200 steps, dpmsolver++, 128/class | ❌ |" in out
+    # rows recorded before the classifier keys existed picked their epoch on a val split
+    assert f"{target} 0.80 at 1200 steps, dpmsolver++, 128/class, val-picked epoch | ❌ |" in out
     target = "| science-curve-brain-mri | mixed accuracy >= TRTR, audit gate passed |"
     assert f"{target} 1.010; audit gate passed | ✅ |" in out
+    recipe = science_row("recipe", "cpu-study", 1200, 0.81, 1.02)
+    recipe["recipe"] |= {"val_fraction": 0.0, "ema_decay": 0.998}
+    out = render_section({"science-recipe-all": {**curve, "rows": [recipe]}})
+    assert ("| science-recipe-all | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) | 0.92 at 1200 steps, "
+            "dpmsolver++, 128/class, last epoch + EMA 0.998 | ✅ |") in out
     assert "science" not in render_section({})
 
 
@@ -323,3 +333,48 @@ def test_science_reads_back_a_recorded_row_only_for_the_same_configuration(tmp_p
     assert science.recorded("brain-mri", science.row("x", "y", step=1200, mixed=True, per_class=128)) is None
     assert science.recorded("brain-mri", same | {"variant": "augment"}) is None
     assert science.recorded("all", same) is None
+
+
+def test_the_diversity_plan_changes_one_thing_per_row_against_the_recipe_row(tmp_path, monkeypatch):
+    from bench import science
+    from meddiffuse.config import CPU_STUDY
+
+    monkeypatch.setattr(science, "WORK", tmp_path)
+    (tmp_path / "all").mkdir()
+    (tmp_path / "all" / "train-base.json").write_text(json.dumps({"ema_variants": [0.0, 0.99, 0.999]}))
+    rows = science.plan("diversity", "all", 1200)
+    first, rest = rows[0], rows[1:]
+    # the recipe row is the study's configuration (its classifier included) and the only one with mixed
+    assert (first["sampling"]["per_class"], first["sampling"]["guidance"], first["mixed"]) == (
+        CPU_STUDY["synthetic_per_class"], CPU_STUDY["guidance"], True)
+    assert {k: first["recipe"][k] for k in ("epochs", "val_fraction", "ema_decay")} == {
+        k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}
+    assert [r["ema"] for r in rows if r["lever"] == "generator EMA decay"] == [0.99, 0.999]  # raw weights left out
+    for r in rest:
+        changed = {k for k in ("sampling", "recipe", "ema") if r[k] != first[k]}
+        assert r["step"] == 1200 and r["recipe"] == first["recipe"] and changed <= {"sampling", "ema"}, r
+    assert len({json.dumps([r["sampling"], r["ema"]], sort_keys=True) for r in rows}) == len(rows)
+
+
+def test_report_figure_stops_above_the_first_section_with_real_images(tmp_path):
+    """The README's report sample never shows the sample grids (they hold real patients' images)."""
+    import shutil
+
+    from PIL import Image
+
+    from bench.report_figure import main
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    report = tmp_path / "report.html"
+    report.write_text("<html><body style='margin:0'><div style='height:600px'>results</div>"
+                      "<h2 style='margin:0'>Synthetic samples beside real examples</h2>"
+                      "<div style='height:900px;background:red'>real images</div></body></html>")
+    out = tmp_path / "sample.png"
+    main(["--report", str(report), "--out", str(out), "--chromium", chromium, "--width", "400"])
+    with Image.open(out) as im:
+        assert im.size == (400, 592)  # 8 px above the heading
+        assert all(px[:3] != (255, 0, 0) for px in im.convert("RGB").getdata())
+    with pytest.raises(SystemExit, match="not found"):
+        main(["--report", str(tmp_path / "absent.html"), "--out", str(out), "--chromium", chromium])
