@@ -221,13 +221,13 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         classifier = {k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}
         at = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
               "per_class": CPU_STUDY["synthetic_per_class"], **classifier}
-        # most informative first (`--first N`): the recipe row (the study's number on this run), then diversity
-        # against fidelity (lower guidance, a larger set), the generator's EMA decay (kept beside the run by
-        # `train --ema-variants`), fewer sampler steps
+        # most informative first (`--first N`): the recipe row (the study's number on this run), a larger set
+        # (the largest lever so far: does it go on?), then lower guidance with it (diversity against fidelity),
+        # the generator's EMA decay (kept beside the run by `train --ema-variants`), fewer sampler steps
         rows = [row("recipe", "cpu-study", step=final, mixed=True, **at),
+                row("set size", "1024/class", step=final, **(at | {"per_class": 1024})),
                 row("guidance + set size", "w=1.5, 1024/class", step=final, **(at | {"guidance": 1.5,
-                                                                                      "per_class": 1024})),
-                row("set size", "1024/class", step=final, **(at | {"per_class": 1024}))]
+                                                                                      "per_class": 1024}))]
         decays = [d for d in trained(domain, variant)["ema_variants"] if d > 0]
         rows += [row("generator EMA decay", d, step=final, ema=d, **at) for d in decays]
         return rows + [row("sampler steps", 10, step=final, steps=10, **at)]
