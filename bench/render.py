@@ -537,7 +537,7 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
             continue
         last = max(curve, key=lambda r: r.get("generator_steps") or 0)
         sampling = last.get("sampling") or {}
-        clf = {"val_fraction": 0.1, "ema_decay": None, **(last.get("recipe") or {})}  # keys recorded later
+        clf = {"val_fraction": 0.1, "ema_decay": None, **(last.get("recipe") or {})}  # = bench/science.py RECIPE_ADDED
         picks = "last epoch" if not clf["val_fraction"] else "val-picked epoch"
         at = (f"{last.get('generator_steps')} steps, {sampling.get('sampler', '?')}, "
               f"{sampling.get('per_class', '?')}/class, {picks}" + (f" + EMA {clf['ema_decay']:g}"

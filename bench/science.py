@@ -139,6 +139,15 @@ def row(lever: str, value: Any, variant: str = "base", step: int | None = None, 
             "sampling": sampling, "recipe": recipe, "mixed": mixed}
 
 
+def recipe_keys(*, classifier: bool) -> dict[str, Any]:
+    """The `cpu-study` recipe's sampling keys for a row (and, with ``classifier``, its classifier's training)."""
+    from meddiffuse.config import CPU_STUDY
+
+    keys = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
+            "per_class": CPU_STUDY["synthetic_per_class"]}
+    return keys | ({k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")} if classifier else {})
+
+
 def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict[str, Any]]:
     """The rows of a plan; ``final`` is the base run's last step (the curve's end, the levers' generator)."""
     if name == "curve":
@@ -182,10 +191,7 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         return [row("synthetic per class", n, step=final, mixed=n == 128, sampler=CPU_STUDY["sampler"],
                     guidance=CPU_STUDY["guidance"], per_class=n, **BEST_CLASSIFIER) for n in (512, 128)]
     if name == "training":  # TSTR is also a training problem: the classifier's recipe on the recipe's synthetic set
-        from meddiffuse.config import CPU_STUDY
-
-        recipe_set = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
-                      "per_class": CPU_STUDY["synthetic_per_class"]}
+        recipe_set = recipe_keys(classifier=False)
         # the first row is the recipe row (cached: scored once); the synthetic validation split picks the epoch
         # that fits *synthetic* images best, which need not be the one that transfers to real ones
         return [row("classifier training", "best epoch on synthetic val (default)", step=final, mixed=True,
@@ -197,10 +203,7 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                 row("classifier training", "12 epochs, last epoch", step=final, val_fraction=0.0, epochs=12,
                     **recipe_set)]
     if name == "augment":  # generator augmentation at the recipe's budget and set, against the recipe row
-        from meddiffuse.config import CPU_STUDY
-
-        recipe_set = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
-                      "per_class": CPU_STUDY["synthetic_per_class"]}
+        recipe_set = recipe_keys(classifier=False)
         # the first row is the recipe row (the base run's, read back from bench/results when the base generator
         # is not in this working folder: a fresh re-run reproduces every one of its metrics)
         return [row("generator augmentation", "flips only (recipe)", step=final, mixed=True, **recipe_set),
@@ -216,11 +219,7 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                 row("generator resolution", f"64 px, {final} steps (equal FLOPs)", variant="px64", step=final,
                     mixed=True, **at)]
     if name == "diversity":  # the levers still open after the recipe, each against the recipe row on one run
-        from meddiffuse.config import CPU_STUDY
-
-        classifier = {k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}
-        at = {"sampler": CPU_STUDY["sampler"], "guidance": CPU_STUDY["guidance"],
-              "per_class": CPU_STUDY["synthetic_per_class"], **classifier}
+        at = recipe_keys(classifier=True)
         # most informative first (`--first N`): the recipe row (the study's number on this run), a larger set
         # (the largest lever so far: does it go on?), then lower guidance with it (diversity against fidelity),
         # the generator's EMA decay (kept beside the run by `train --ema-variants`), fewer sampler steps
@@ -232,12 +231,9 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         rows += [row("generator EMA decay", d, step=final, ema=d, **at) for d in decays]
         return rows + [row("sampler steps", 10, step=final, steps=10, **at)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
-        from meddiffuse.config import CPU_STUDY
-
-        classifier = {k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}  # since 2026-12-06
-        return [row("recipe", "cpu-study", step=final, mixed=True, sampler=CPU_STUDY["sampler"],
-                    guidance=CPU_STUDY["guidance"], per_class=CPU_STUDY["synthetic_per_class"],
-                    **(classifier | BEST_CLASSIFIER))]
+        # the recipe's classifier since 2026-12-06 (rows before it picked their epoch on a val split)
+        return [row("recipe", "cpu-study", step=final, mixed=True,
+                    **(recipe_keys(classifier=True) | BEST_CLASSIFIER))]
     raise SystemExit(f"unknown plan {name!r}")
 
 

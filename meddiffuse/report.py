@@ -12,6 +12,11 @@ import json
 from typing import Any
 
 TRAIN_DATA_ORDER = {"real": 0, "synthetic": 1, "mixed": 2}
+# The report's leading sections, which show numbers only (no patient's image): what may leave the working folder
+# as a picture of the report (bench/report_figure.py cuts at the first section not listed here).
+SUMMARY, RESULTS, CONFUSION = ("Summary", "Results on unseen real test images",
+                               "Confusion matrices and per-class metrics")
+TEXT_ONLY_SECTIONS = (SUMMARY, RESULTS, CONFUSION)
 METRIC_COLUMNS = [
     ("accuracy", "accuracy"),
     ("balanced_accuracy", "balanced acc."),
@@ -121,7 +126,7 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         f" · {html.escape(r.get('created', ''))}</p>",
     ]
     # summary
-    parts.append("<h2>Summary</h2><ul>")
+    parts.append(f"<h2>{SUMMARY}</h2><ul>")
     ds = r.get("datasets", {})
     for key, info in ds.items():
         parts.append(f"<li>{html.escape(key)}: <code>{html.escape(info.get('prefix', ''))}</code> "
@@ -141,7 +146,7 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         parts.append(f"<li class='muted'>{html.escape(note)}</li>")
     parts.append("</ul>")
     # results table
-    parts.append("<h2>Results on unseen real test images</h2><table><tr><th>architecture</th><th>train data</th>"
+    parts.append(f"<h2>{RESULTS}</h2><table><tr><th>architecture</th><th>train data</th>"
                  "<th>n train</th>" + "".join(f"<th>{label}</th>" for _, label in METRIC_COLUMNS)
                  + "<th>accuracy 95% CI</th><th>pretrained</th><th>registered version</th></tr>")
     for row in sorted_results(r.get("results", [])):
@@ -154,7 +159,7 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         )
     parts.append("</table>")
     # per-class tables and confusion matrices
-    parts.append("<h2>Confusion matrices and per-class metrics</h2><div class='cards'>")
+    parts.append(f"<h2>{CONFUSION}</h2><div class='cards'>")
     for row in sorted_results(r.get("results", [])):
         cm = row.get("confusion_matrix")
         if not cm:

@@ -367,14 +367,25 @@ def test_report_figure_stops_above_the_first_section_with_real_images(tmp_path):
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    from meddiffuse.report import RESULTS, SUMMARY
+
     report = tmp_path / "report.html"
-    report.write_text("<html><body style='margin:0'><div style='height:600px'>results</div>"
-                      "<h2 style='margin:0'>Synthetic samples beside real examples</h2>"
-                      "<div style='height:900px;background:red'>real images</div></body></html>")
-    out = tmp_path / "sample.png"
-    main(["--report", str(report), "--out", str(out), "--chromium", chromium, "--width", "400"])
-    with Image.open(out) as im:
-        assert im.size == (400, 592)  # 8 px above the heading
-        assert all(px[:3] != (255, 0, 0) for px in im.convert("RGB").getdata())
+    # any heading that is not a text-only section ends the picture, a new one (not yet listed) included
+    for first_with_images in ("Synthetic samples beside real examples", "Closest pairs (a new section)"):
+        report.write_text(f"<html><body style='margin:0'><h2 style='margin:0;height:50px'>{SUMMARY}</h2>"
+                          f"<h2 style='margin:0;height:550px'>{RESULTS}</h2>"
+                          f"<h2 style='margin:0'>{first_with_images}</h2>"
+                          "<div style='height:900px;background:red'>real images</div></body></html>")
+        out = tmp_path / "sample.png"
+        main(["--report", str(report), "--out", str(out), "--chromium", chromium, "--width", "400"])
+        with Image.open(out) as im:
+            assert im.size == (400, 592)  # 8 px above the heading
+            assert all(px[:3] != (255, 0, 0) for px in im.convert("RGB").getdata())
     with pytest.raises(SystemExit, match="not found"):
         main(["--report", str(tmp_path / "absent.html"), "--out", str(out), "--chromium", chromium])
+    # a page with only text-only headings is not a report: refused, the earlier picture kept as it was
+    before = out.read_bytes()
+    report.write_text(f"<html><body><h2>{SUMMARY}</h2><div style='background:red'>?</div></body></html>")
+    with pytest.raises(SystemExit, match="nothing written"):
+        main(["--report", str(report), "--out", str(out), "--chromium", chromium])
+    assert out.read_bytes() == before and not list(tmp_path.glob(".*.part.png"))
