@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cosine": {"preset": "cpu-small", "lr_schedule": "cosine"},
     "augment": {"preset": "cpu-study", "augment_strength": 1.0},
     "px64": {"preset": "cpu-study", "resolution": 64},
+    # the recipe trained under bf16 autocast (float32 where the CPU lacks native bf16: the record says which)
+    "bf16": {"preset": "cpu-study", "mixed_precision": "bf16"},
     # GPU scale (the device machine): the study preset at 64 px; budgets in README ("GPU scale")
     "gpu64": {"preset": "gpu-base", "lr_schedule": "constant_with_warmup", "resolution": 64},
 }
@@ -230,6 +232,12 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         decays = [d for d in trained(domain, variant)["ema_variants"] if d > 0]
         rows += [row("generator EMA decay", d, step=final, ema=d, **at) for d in decays]
         return rows + [row("sampler steps", 10, step=final, steps=10, **at)]
+    if name == "compute":  # the recipe at every snapshot of a (faster) run: does more compute in 30 min close it?
+        at = recipe_keys(classifier=True)
+        snaps = [s for s in trained(domain, variant)["snapshots"] if s <= final]
+        # the final budget first (`--first 1`), with its mixed classifier
+        return [row("generator steps (recipe)", s, variant=variant, step=s, mixed=s == final, **at)
+                for s in sorted(snaps, reverse=True)]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         # the recipe's classifier since 2026-12-06 (rows before it picked their epoch on a val split)
         return [row("recipe", "cpu-study", step=final, mixed=True,
@@ -454,7 +462,8 @@ def describe_run(t: dict[str, Any]) -> dict[str, Any]:
                 info["resumed_from_step"] or 0)), 2),
             "torch_threads": t.get("torch_threads"), "snapshots": t["snapshots"], "ema_variants": t["ema_variants"],
             "preset": config["preset"], "resolution": config["resolution"], "lr_schedule": config["lr_schedule"],
-            "ema_decay": config["ema_decay"], "augment_strength": config.get("augment_strength", 0.0)}
+            "ema_decay": config["ema_decay"], "augment_strength": config.get("augment_strength", 0.0),
+            "mixed_precision": info.get("mixed_precision", "no")}  # what the run trained in, not what was asked
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -478,7 +487,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         write_grids(ev, [r for r in rows if r["lever"] == "generator steps"])
     if a.plan in ("augment", "resolution"):
         write_grids(ev, [r for r in rows if "recorded_in" not in r])
-    name = f"curve-{variant}" if a.plan == "curve" and variant != "base" else a.plan  # a curve per variant
+    # a curve (and a compute curve) per variant
+    name = f"{a.plan}-{variant}" if a.plan in ("curve", "compute") and variant != "base" else a.plan
     path = write_result(f"science-{name}-{a.domain}", {
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
         "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
@@ -553,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
     e.add_argument("--plan", default="curve",
                    choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training", "augment",
-                            "resolution", "diversity"])
+                            "resolution", "diversity", "compute"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")

@@ -66,7 +66,9 @@ class GeneratorConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="Small affine and intensity changes to half of each batch (0 = flips only)."
     )
     # execution
-    mixed_precision: MixedPrecision = Field("auto", description="auto = bf16/fp16 on CUDA, none on CPU.")
+    mixed_precision: MixedPrecision = Field(
+        "auto", description="auto = bf16/fp16 on CUDA, float32 on CPU; bf16 on a CPU is used only where the CPU "
+                            "has native bf16 (AMX / AVX512-BF16), else float32.")
     compile: bool = Field(False, description="torch.compile the UNet (helps on long runs; slow to start).")
 
     @model_validator(mode="after")

@@ -85,6 +85,7 @@ class GeneratorInfo(BaseModel):
     horizon: int | None = Field(None, description="Cosine LR horizon in steps (fitted to --minutes when only "
                                                   "a wall-clock budget was given).")
     run_id: str | None = None
+    mixed_precision: str = Field("no", description="The precision this session trained in: no (float32), bf16, fp16.")
 
 
 def train_generator(
@@ -181,7 +182,7 @@ def train_generator(
               "horizon": horizon, "dataset_id": dataset.id, "dataset_prefix": dataset.prefix,
               "parameters": info_base["parameters"], "resumed_from_step": resumed_from,
               "num_processes": accelerator.num_processes, "device": str(accelerator.device),
-              "mixed_precision": accelerator.mixed_precision}
+              "mixed_precision": "bf16" if loop.cpu_bf16 else accelerator.mixed_precision}
     tracker = _Tracker(track and accelerator.is_main_process, settings, prefix, config, dataset, params)
 
     history: list[tuple[int, float]] = []
@@ -247,7 +248,7 @@ def train_generator(
         **info_base, steps_trained=step, stopped_by=stopped_by,
         final_loss=history[-1][1] if history else None, loss_history=history,
         images_per_second=images_per_s, seconds=time.monotonic() - started, horizon=horizon,
-        run_id=tracker.run_id,
+        run_id=tracker.run_id, mixed_precision=params["mixed_precision"],
     )
 
 
@@ -330,6 +331,7 @@ class _TrainingLoop:
         self.data = data
         self.seed = seed
         self.flip_dims = _flip_dims(config) if config.augment else []
+        self.cpu_bf16 = cpu_bf16(config, accelerator)
         self.ema_variants = list(ema_variants)
 
     def run_step(self, step: int) -> float:
@@ -352,7 +354,8 @@ class _TrainingLoop:
             target = noise
 
         self.model.train()
-        pred = self.model(noisy, timesteps, class_labels=labels).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16):
+            pred = self.model(noisy, timesteps, class_labels=labels).sample
         loss = diffusion_loss(pred, target, timesteps, self.noise_scheduler, cfg)
         acc.backward(loss)
         if cfg.grad_clip is not None and acc.sync_gradients:
@@ -424,11 +427,25 @@ def random_affine_intensity(x: torch.Tensor, strength: float, gen: torch.Generat
     return torch.where(apply[:, None, None, None], moved, x)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX or AVX512-BF16), which oneDNN uses under autocast."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so looked up defensively
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_bf16(config: GeneratorConfig, accelerator: Accelerator) -> bool:
+    """Train under bf16 autocast on this CPU? Only where asked and the CPU computes bf16 natively (AMX /
+    AVX512-BF16): there it trains cpu-small 1.7x faster than float32; elsewhere it is emulated and slower.
+    The loop autocasts itself because accelerate fixes one precision per process (a second Accelerator with
+    another one raises), and a process may train generators of both kinds."""
+    return accelerator.device.type == "cpu" and config.mixed_precision == "bf16" and cpu_has_native_bf16()
+
+
 def _make_accelerator(config: GeneratorConfig, settings: Settings) -> Accelerator:
     device = settings.torch_device()
     mixed = config.mixed_precision
     if device == "cpu":
-        mixed = "no"  # CPU autocast is slower than float32 for these convolutions
+        mixed = "no"  # CPU bf16 is the loop's own autocast (cpu_bf16): accelerate's precision is one per process
     elif mixed == "auto":
         mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return Accelerator(mixed_precision=mixed, cpu=device == "cpu")
