@@ -404,8 +404,8 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("curve", "recipe", "diversity", "size", "training", "augment", "resolution", "sampling",
-                 "classifier", "generator")
+SCIENCE_PLANS = ("compute-bf16", "curve", "recipe", "diversity", "size", "training", "augment", "resolution",
+                 "sampling", "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
@@ -459,7 +459,9 @@ def science_section(results: dict[str, dict]) -> list[str]:
         runs = d.get("generator_runs") or {}
         budget = "; ".join(f"{v}: {r.get('steps', '?')} steps, {_num(r.get('seconds_per_step'), 2)} s/step"
                            + (f" at {r['torch_threads']} thread(s)" if r.get("torch_threads") else "")
-                           + f" ({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px)" for v, r in runs.items())
+                           + f" ({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px"
+                           + (f", {r['mixed_precision']} autocast" if r.get("mixed_precision", "no") != "no" else "")
+                           + ")" for v, r in runs.items())
         first = next(iter(d.get("rows") or [{}]))
         classes = " / ".join(first.get("per_class") or {}) or "?"
         lines += [f"**{d.get('domain', name)} — {d.get('plan', '?')}** ({budget}; classes in per-class columns: "

@@ -221,7 +221,7 @@ class Experiment:
             return {"ref": out.prefix, "uri": out.uri, "version": out.version, "alias": out.alias,
                     "steps": out.steps_trained, "parameters": out.parameters, "final_loss": out.final_loss,
                     "images_per_second": out.images_per_second, "stopped_by": out.stopped_by,
-                    "preset": out.preset, "horizon": out.horizon}
+                    "preset": out.preset, "horizon": out.horizon, "mixed_precision": out.mixed_precision}
 
         return self._stage("generator", run)
 

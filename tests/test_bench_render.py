@@ -356,6 +356,30 @@ def test_the_diversity_plan_changes_one_thing_per_row_against_the_recipe_row(tmp
     assert len({json.dumps([r["sampling"], r["ema"]], sort_keys=True) for r in rows}) == len(rows)
 
 
+def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_path, monkeypatch):
+    from bench import science
+
+    monkeypatch.setattr(science, "WORK", tmp_path)
+    (tmp_path / "brain-mri").mkdir()
+    (tmp_path / "brain-mri" / "train-bf16.json").write_text(json.dumps({"snapshots": [1200, 2000, 3000]}))
+    rows = science.plan("compute", "brain-mri", 3000, "bf16")
+    assert [(r["step"], r["mixed"], r["variant"]) for r in rows] == [(3000, True, "bf16"), (2000, False, "bf16"),
+                                                                    (1200, False, "bf16")]
+    recipe = science.row("recipe", "cpu-study", step=3000, **science.recipe_keys(classifier=True))
+    assert all(r["sampling"] == recipe["sampling"] and r["recipe"] == recipe["recipe"] for r in rows)
+    # a run's precision shows beside its budget; float32 runs say nothing extra
+    run = {"steps": 3000, "seconds_per_step": 0.53, "torch_threads": 2, "lr_schedule": "constant_with_warmup",
+           "resolution": 32, "mixed_precision": "bf16"}
+    d = {"benchmark": "science-compute-bf16-brain-mri", "date": "2026-12-06", "machine": MACHINE,
+         "domain": "brain-mri", "plan": "compute", "generator_runs": {"bf16": run},
+         "rows": [science_row("generator steps (recipe)", 3000, 3000, 0.9, 1.02)]}
+    out = render_section({"science-compute-bf16-brain-mri": d})
+    assert "(bf16: 3000 steps, 0.53 s/step at 2 thread(s) (constant_with_warmup, 32 px, bf16 autocast);" in out
+    out = render_section({"science-compute-bf16-brain-mri": d | {"generator_runs": {"bf16": run | {
+        "mixed_precision": "no"}}}})
+    assert "(constant_with_warmup, 32 px);" in out
+
+
 def test_report_figure_stops_above_the_first_section_with_real_images(tmp_path):
     """The README's report sample never shows the sample grids (they hold real patients' images)."""
     import shutil
