@@ -28,10 +28,11 @@ def experiment_cmd(
     synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set, instead "
                                                                   "of a number per class")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
-    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 1200): the same "
-                                                             "result on any machine")] = None,
-    generator_minutes: Annotated[float | None, typer.Option(help="Optional wall-clock cap on the generator "
-                                                                 "(a busy machine then trains fewer steps)")] = None,
+    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 3000): the same "
+                                                             "result on any machine that reaches it")] = None,
+    generator_minutes: Annotated[float | None, typer.Option(help="Wall-clock cap on the generator (default 29; a "
+                                                                 "slower or busy machine then trains fewer steps)")
+                                 ] = None,
     resolution: Annotated[int | None, typer.Option(help="Dataset/generator resolution")] = None,
     epochs: Annotated[int | None, typer.Option(help="Classifier epochs")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale")] = None,

@@ -154,8 +154,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # the study's CPU generator (bench/science.py): cpu-small's UNet with a constant LR after warm-up, so the EMA
-# model at any step is what a run of that budget gives, and a finished run can be extended by resuming it
-PRESETS["cpu-study"] = {**PRESETS["cpu-small"], "lr_schedule": "constant_with_warmup"}
+# model at any step is what a run of that budget gives, and a finished run can be extended by resuming it; bf16
+# autocast where the CPU has native bf16 (1.7x the steps in the same minutes there; float32 elsewhere)
+PRESETS["cpu-study"] = {**PRESETS["cpu-small"], "lr_schedule": "constant_with_warmup", "mixed_precision": "bf16"}
 
 
 def list_presets() -> list[str]:
