@@ -532,8 +532,9 @@ def study_targets(results: dict[str, dict]) -> list[list[str]]:
         rows.append([name, "TSTR accuracy >= 0.90 x TRTR", shown, _mark(all(v >= 0.9 for v in tstr.values()))])
         shown = "; ".join(f"{a} {mixed[a]:.2f}" for a in mixed)
         rows.append([name, "mixed accuracy >= TRTR", shown, _mark(all(v >= 1.0 for v in mixed.values()))])
-    for name in sorted(k for k in results if k.startswith(("science-curve-", "science-recipe-"))):
-        curve = [r for r in results[name].get("rows") or [] if r.get("lever") in ("generator steps", "recipe")
+    for name in sorted(k for k in results if k.startswith(("science-curve-", "science-recipe-", "science-compute-"))):
+        budgets = ("generator steps", "recipe", "generator steps (recipe)")
+        curve = [r for r in results[name].get("rows") or [] if r.get("lever") in budgets
                  and isinstance(r.get("tstr_over_trtr"), int | float)]
         if not curve:
             continue

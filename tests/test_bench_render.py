@@ -375,6 +375,8 @@ def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_pa
          "rows": [science_row("generator steps (recipe)", 3000, 3000, 0.9, 1.02)]}
     out = render_section({"science-compute-bf16-brain-mri": d})
     assert "(bf16: 3000 steps, 0.53 s/step at 2 thread(s) (constant_with_warmup, 32 px, bf16 autocast);" in out
+    assert ("| science-compute-bf16-brain-mri | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) | 1.02 at 3000 steps, "
+            "dpmsolver++, 128/class, val-picked epoch | ✅ |") in out
     out = render_section({"science-compute-bf16-brain-mri": d | {"generator_runs": {"bf16": run | {
         "mixed_precision": "no"}}}})
     assert "(constant_with_warmup, 32 px);" in out
