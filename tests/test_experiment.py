@@ -198,12 +198,15 @@ def test_the_default_experiment_is_the_cpu_study_recipe_and_recipes_are_named():
     assert {k: getattr(default, k) for k in RECIPES["cpu-study"]} == RECIPES["cpu-study"]
     gpu = ExperimentConfig(**recipe_values("gpu-study"))
     assert gpu.generator_preset == "gpu-base" and gpu.resolution == 64 and gpu.generator_steps > default.generator_steps
+    # the CPU recipe keeps its generator within 30 minutes on any CPU (fewer steps where bf16 is not native);
+    # the GPU recipe is a step budget only
+    assert 0 < default.generator_minutes <= 30 and gpu.generator_minutes is None
     with pytest.raises(ValueError, match="cpu-study"):
         recipe_values("fast")
     # the recipe's generator is cpu-small's UNet on a constant LR: the scaling curve's snapshots are its runs
     brain = get_domain("brain-mri")
     study = create_generator_config("cpu-study", brain, 32)
-    assert study.lr_schedule == "constant_with_warmup"
+    assert study.lr_schedule == "constant_with_warmup" and study.mixed_precision == "bf16"
     assert study.fingerprint() == create_generator_config("cpu-small", brain, 32,
                                                           lr_schedule="constant_with_warmup").fingerprint()
 
