@@ -235,11 +235,15 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         rows += [row("generator EMA decay", d, step=final, ema=d, **at) for d in decays]
         return rows + [row("sampler steps", 10, step=final, steps=10, **at)]
     if name == "compute":  # the recipe at every snapshot of a (faster) run: does more compute in 30 min close it?
+        from meddiffuse.config import CPU_STUDY
+
         at = recipe_keys(classifier=True)
-        snaps = [s for s in trained(domain, variant)["snapshots"] if s <= final]
-        # the final budget first (`--first 1`), with its mixed classifier
-        return [row("generator steps (recipe)", s, variant=variant, step=s, mixed=s == final, **at)
-                for s in sorted(snaps, reverse=True)]
+        snaps = sorted((s for s in trained(domain, variant)["snapshots"] if s <= final), reverse=True)
+        # the recipe's budget first, then the largest (`--first N`); those two with their mixed classifier
+        budget = CPU_STUDY["generator_steps"]
+        snaps = [s for s in snaps if s == budget] + [s for s in snaps if s != budget]
+        return [row("generator steps (recipe)", s, variant=variant, step=s, mixed=s in (budget, final), **at)
+                for s in snaps]
     if name == "recipe":  # the experiment's default recipe (cpu-study) as one row, mixed included
         # the recipe's classifier since 2026-12-06 (rows before it picked their epoch on a val split)
         return [row("recipe", "cpu-study", step=final, mixed=True,

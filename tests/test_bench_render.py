@@ -365,6 +365,13 @@ def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_pa
     rows = science.plan("compute", "brain-mri", 3000, "bf16")
     assert [(r["step"], r["mixed"], r["variant"]) for r in rows] == [(3000, True, "bf16"), (2000, False, "bf16"),
                                                                     (1200, False, "bf16")]
+    # the recipe's own budget comes first when the run has a snapshot there, with its mixed classifier
+    (tmp_path / "brain-mri" / "train-bf16.json").write_text(json.dumps({"snapshots": [1200, 2700, 3000]}))
+    from meddiffuse.config import CPU_STUDY
+
+    monkeypatch.setitem(CPU_STUDY, "generator_steps", 2700)
+    rows = science.plan("compute", "brain-mri", 3000, "bf16")
+    assert [(r["step"], r["mixed"]) for r in rows] == [(2700, True), (3000, True), (1200, False)]
     recipe = science.row("recipe", "cpu-study", step=3000, **science.recipe_keys(classifier=True))
     assert all(r["sampling"] == recipe["sampling"] and r["recipe"] == recipe["recipe"] for r in rows)
     # a run's precision shows beside its budget; float32 runs say nothing extra

@@ -28,7 +28,7 @@ def experiment_cmd(
     synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set, instead "
                                                                   "of a number per class")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
-    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 3000): the same "
+    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 2700): the same "
                                                              "result on any machine that reaches it")] = None,
     generator_minutes: Annotated[float | None, typer.Option(help="Wall-clock cap on the generator (default 29; a "
                                                                  "slower or busy machine then trains fewer steps)")
