@@ -59,7 +59,7 @@ CPU_STUDY: dict[str, Any] = {
     "generator_preset": "cpu-study",  # cpu-small's UNet, constant LR after warm-up + EMA: any budget, resumable
     # 2700 steps under bf16 autocast: ~25 (brain MRI, 1 channel) to ~28 (ALL, RGB) min on 2 cores of a Xeon with
     # AMX; 3000 steps gave TSTR/TRTR 0.84 -> 0.88 and coverage 0.56 -> 0.79 on brain MRI over 1200 steps, but take
-    # 31 min on ALL. The cap keeps the 30-minute budget on a CPU without native bf16 (float32: ~1.05 s/step on an
+    # 31 min on ALL. The cap keeps the 30-minute budget on a CPU without AMX (float32: ~1.05 s/step on an
     # AMD EPYC, so about 1650 steps there; the run records where it stopped)
     "generator_steps": 2700,
     "generator_minutes": 29.0,
