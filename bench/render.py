@@ -458,6 +458,8 @@ def science_section(results: dict[str, dict]) -> list[str]:
         d = results[name]
         runs = d.get("generator_runs") or {}
         budget = "; ".join(f"{v}: {r.get('steps', '?')} steps, {_num(r.get('seconds_per_step'), 2)} s/step"
+                           # a resumed run's rate is its last session's
+                           + (f" after resuming at {r['resumed_from_step']}" if r.get("resumed_from_step") else "")
                            + (f" at {r['torch_threads']} thread(s)" if r.get("torch_threads") else "")
                            + f" ({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px"
                            + (f", {r['mixed_precision']} autocast" if r.get("mixed_precision", "no") != "no" else "")

@@ -387,6 +387,9 @@ def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_pa
     out = render_section({"science-compute-bf16-brain-mri": d | {"generator_runs": {"bf16": run | {
         "mixed_precision": "no"}}}})
     assert "(constant_with_warmup, 32 px);" in out
+    resumed = render_section({"science-compute-bf16-brain-mri": d | {"generator_runs": {"bf16": run | {
+        "resumed_from_step": 2200}}}})
+    assert "(bf16: 3000 steps, 0.53 s/step after resuming at 2200 at 2 thread(s)" in resumed
 
 
 def test_report_figure_stops_above_the_first_section_with_real_images(tmp_path):
