@@ -491,7 +491,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
                                   {**recorded(a.domain, r)[1], "recorded_in": r["recorded_in"]})
     if a.plan == "curve":
         write_grids(ev, [r for r in rows if r["lever"] == "generator steps"])
-    if a.plan in ("augment", "resolution"):
+    if a.plan in ("augment", "resolution", "compute"):
         write_grids(ev, [r for r in rows if "recorded_in" not in r])
     # a curve (and a compute curve) per variant
     name = f"{a.plan}-{variant}" if a.plan in ("curve", "compute") and variant != "base" else a.plan
