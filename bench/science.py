@@ -483,7 +483,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     base = trained(a.domain, variant)
     final = a.step or base["info"]["steps_trained"]
     ev = Evaluator(a.domain)
-    rows = [ev.score(r) for r in plan(a.plan, a.domain, final, variant)[:getattr(a, "first", None)]]
+    chosen = [r for r in plan(a.plan, a.domain, final, variant) if not getattr(a, "at", None) or r["step"] in a.at]
+    rows = [ev.score(r) for r in chosen[:getattr(a, "first", None)]]
     runs: dict[str, dict[str, Any]] = {}
     for r in rows:  # the generator runs behind the rows: this folder's records, or the recorded row's run
         if r["variant"] not in runs:
@@ -574,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")
     e.add_argument("--first", type=int, help="score only the plan's first N rows (they come most informative first)")
+    e.add_argument("--at", type=int, nargs="*", help="score only the plan's rows at these generator steps")
     sub.add_parser("plot", help="draw bench/results/science-curves.png from the curve results")
     r = sub.add_parser("run", help="train the base run, evaluate its curve, plot (what `make bench-full` runs)")
     r.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
