@@ -66,7 +66,8 @@ def experiment(domain: str, resolution: int = RESOLUTION):
                               val_fraction=0.1, ema_decay=None, explain_per_model=0, register_models=False, seed=0,
                               # the experiment only gives the split and the judge; this bench trains its own
                               # generators, so these stay as first recorded (the defaults before cpu-study)
-                              generator_preset="cpu-small", generator_steps=700, sampler="dpmsolver++",
+                              generator_preset="cpu-small", generator_steps=700, generator_minutes=None,
+                              sampler="dpmsolver++",
                               guidance=2.0, synthetic_per_class=None)
     exp = Experiment(config, settings, progress=False, log=lambda m: print(f"[science] {m}", flush=True))
     exp.ingest()
