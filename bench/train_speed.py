@@ -213,7 +213,8 @@ def minimal_loop(cfg, x_all: torch.Tensor, y_all: torch.Tensor, device: torch.de
 
 
 def _autocast(device: torch.device):
-    """Match train_generator's precision: bf16/fp16 autocast on CUDA ("auto"), float32 on the CPU."""
+    """Match train_generator's default precision ("auto"): bf16/fp16 autocast on CUDA, float32 on the CPU (the
+    cpu-study preset's bf16 on AMX CPUs is the "bf16 autocast" lever row)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return torch.autocast("cpu", enabled=False)

@@ -214,7 +214,6 @@ class GeneratorResult(BaseModel):
     stopped_by: str
     horizon: int | None = None
     mixed_precision: str = Field("no", description="What the run trained in: no (float32), bf16 or fp16.")
-    seconds: float | None = Field(None, description="Wall seconds of the training session that finished it.")
     name: str | None = None
     version: int | None = None
     uri: str | None = None
@@ -260,7 +259,7 @@ def train_and_register_generator(
         domain=domain.name, prefix=prefix, fingerprint=fp, dataset_id=dataset.id, preset=info.preset,
         steps_trained=info.steps_trained, parameters=info.parameters, final_loss=info.final_loss,
         images_per_second=info.images_per_second, stopped_by=info.stopped_by, horizon=info.horizon,
-        mixed_precision=info.mixed_precision, seconds=round(info.seconds, 1),
+        mixed_precision=info.mixed_precision,
     )
     if spec.register_model:
         name = generator_model_name(domain.name)
