@@ -94,9 +94,26 @@ def _targets(d: dict[str, Any]) -> list[str]:
 
 
 def _budget(gen: dict[str, Any]) -> str:
-    if isinstance(gen.get("minutes"), int | float):
-        return f"{gen['minutes']:g} min"
-    return f"{gen['step_budget']} steps" if gen.get("step_budget") else "—"
+    steps = f"{gen['step_budget']} steps" if gen.get("step_budget") else None
+    minutes = f"{gen['minutes']:g} min" if isinstance(gen.get("minutes"), int | float) else None
+    if steps and minutes:
+        return f"{steps} or {minutes}, whichever first"
+    return steps or minutes or "—"
+
+
+def _how_trained(gen: dict[str, Any]) -> str:
+    """'(2150 steps trained in 29.0 min, float32, stopped by the cap)': what the run did against its budget."""
+    out = f"{gen.get('steps', '?')} steps trained"
+    if gen.get("seconds"):
+        out += f" in {gen['seconds'] / 60:.1f} min"
+    if gen.get("mixed_precision"):
+        out += ", bf16 autocast" if gen["mixed_precision"] == "bf16" else ", float32"
+    stopped = gen.get("stopped_by")
+    if stopped is None and gen.get("step_budget") and isinstance(gen.get("steps"), int):
+        stopped = "steps" if gen["steps"] >= gen["step_budget"] else "minutes"  # runs before stopped_by was kept
+    if stopped == "minutes" and gen.get("step_budget"):
+        out += ", stopped by the wall-clock cap"
+    return out
 
 
 def _not_run(command: str) -> list[str]:
@@ -130,7 +147,6 @@ def study_section(results: dict[str, dict]) -> list[str]:
                            _mark(audit.get("passed")), audit.get("summary") or "—"])
         gen = d.get("generator") or {}
         budget = _budget(gen)
-        trained_in = f" in {gen['seconds'] / 60:.1f} min" if gen.get("seconds") else ""
         clf = d.get("classifier") or {}
         picks = ("" if not clf else (f", the best epoch on a {clf['val_fraction']:.0%} val split"
                                      if clf.get("val_fraction") else ", the last epoch")
@@ -138,7 +154,7 @@ def study_section(results: dict[str, dict]) -> list[str]:
         recipe = f" Recipe `{d['recipe']}`" + (f" with {d['overrides']}" if d.get("overrides") else "") + \
             "." if d.get("recipe") else ""
         notes.append(f"- {domain}: {machine_line(d)}{recipe} Generator {gen.get('preset', '?')} {budget} "
-                     f"({gen.get('steps', '?')} steps trained{trained_in}), "
+                     f"({_how_trained(gen)}), "
                      f"{d.get('synthetic_per_class', '?')} synthetic images per class ({d.get('sampler', '?')}, "
                      f"{d.get('sampling_steps', '?')} steps, guidance "
                      f"{d.get('guidance', '?')}), classifiers {d.get('epochs', '?')} epochs at "
@@ -349,6 +365,11 @@ def train_speed_section(d: dict[str, Any] | None) -> list[str]:
                      f"{peak.get('flop_per_cycle_per_core')} FLOP/cycle; {peak.get('assumption', '')}.")
     elif peak:
         lines.append(f"Peak: {peak.get('assumption', 'unknown')}.")
+    if "bf16_native_for_recipe" in peak:  # runs before 2026-12-07 did not ask the library
+        listed = ", ".join(peak.get("bf16_instructions") or []) or "none"
+        lines.append(f"bf16 matrix units (AMX), which the `cpu-study` recipe's bf16 generator needs: "
+                     f"{'yes' if peak['bf16_native_for_recipe'] else 'no (the recipe trains in float32 here)'}; "
+                     f"bf16 instructions listed by the CPU: {listed}.")
     sgemm = d.get("sgemm_reference") or {}
     if sgemm:
         lines += ["", "For scale, a plain fp32 2048² matmul in the same run: "

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         "domain": a.domain, "results": results,
         "ratios": tstr_ratios(out["results"]),
         "generator": {k: gen.get(k) for k in ("preset", "parameters", "steps", "horizon", "seconds", "final_loss",
-                                                "images_per_second", "mixed_precision")}
+                                                "images_per_second", "mixed_precision", "stopped_by")}
         | {"minutes": config.generator_minutes, "step_budget": config.generator_steps},
         "recipe": a.recipe, "overrides": flags,
         "synthetic_per_class": per_class, "guidance": config.guidance, "sampler": config.sampler,

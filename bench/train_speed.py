@@ -44,6 +44,7 @@ from meddiffuse.data.phantoms import write_phantom_folder  # noqa: E402
 from meddiffuse.domains import get_domain  # noqa: E402
 from meddiffuse.generate import create_generator_config, create_unet, train_generator  # noqa: E402
 from meddiffuse.generate.model import count_parameters  # noqa: E402
+from meddiffuse.generate.training import cpu_has_native_bf16  # noqa: E402
 from meddiffuse.store import LocalStore  # noqa: E402
 
 SMALL: dict[str, Any] = {"preset": "cpu-small", "resolution": 32, "batch_size": 64, "warmup": 3, "steps": 8,
@@ -288,6 +289,8 @@ def cpu_peak() -> dict[str, Any]:
         "fma": fma, "fma_units_per_core": FMA_UNITS_ASSUMED, "flop_per_cycle_per_core": per_cycle,
         "gflops_fp32": gflops, "bf16_instructions": sorted(f for f in flags if "bf16" in f or f.startswith("amx")),
         "bf16_autocast_supported": bf16,
+        # the library's own question (bf16 matrix units): where False, the cpu-study recipe trains in float32
+        "bf16_native_for_recipe": cpu_has_native_bf16(),
         "assumption": (f"FLOP/cycle/core = 2 (FMA) x {lanes} fp32 lanes x {FMA_UNITS_ASSUMED} FMA units (assumed: "
                        "Xeon Scalable Gold/Platinum have two AVX-512 FMA ports); cores = os.cpu_count() (vCPUs); "
                        "clock = nominal/current, turbo and AVX-512 frequency offsets ignored"),

@@ -125,6 +125,12 @@ def test_section_has_markers_and_expected_rows():
     assert "ceiling of cores × one thread's matmul rate (226 GFLOP/s)" in out and "is 15%." in out
     hot = fixtures()["train-speed"] | {"sgemm_reference": {"1 thread(s)": 176.0}}
     assert "beats the computed one-core peak (147)" in render_section({"train-speed": hot})
+    assert "bf16 matrix units" not in out  # a run that did not ask the library says nothing about it
+    peak = fixtures()["train-speed"]["peak"]
+    no_amx = fixtures()["train-speed"] | {"peak": peak | {"bf16_native_for_recipe": False,
+                                                         "bf16_instructions": ["avx512_bf16"]}}
+    assert ("(AMX), which the `cpu-study` recipe's bf16 generator needs: no (the recipe trains in float32 here); "
+            "bf16 instructions listed by the CPU: avx512_bf16.") in render_section({"train-speed": no_amx})
     assert "- ❌ target: UNet forward >= 30% of fp32 peak — measured 11.9%" in out
     # targets at a glance and the runner's timing
     assert "| train-speed | UNet forward >= 30% of fp32 peak | 11.9% | ❌ |" in out
@@ -149,6 +155,14 @@ def test_missing_results_say_not_run_yet():
     # the generator's own minutes (the budget is per generator), read from the run's seconds
     timed = recipe | {"generator": {"preset": "cpu-study", "steps": 1200, "step_budget": 1200, "seconds": 1263.0}}
     assert "(1200 steps trained in 21.1 min)" in render_section({"study-all": timed})
+    # a step budget with a wall-clock cap: which one stopped the run, and in what precision it trained
+    capped = recipe | {"generator": {"preset": "cpu-study", "steps": 2150, "step_budget": 2700, "minutes": 29.0,
+                                     "seconds": 1741.0, "mixed_precision": "no"}}
+    assert ("Generator cpu-study 2700 steps or 29 min, whichever first (2150 steps trained in 29.0 min, float32, "
+            "stopped by the wall-clock cap)") in render_section({"study-all": capped})
+    full = capped | {"generator": capped["generator"] | {"steps": 2700, "mixed_precision": "bf16",
+                                                         "stopped_by": "steps"}}
+    assert "(2700 steps trained in 29.0 min, bf16 autocast)" in render_section({"study-all": full})
     held_out = recipe | {"classifier": {"val_fraction": 0.1, "ema_decay": None}}
     assert "96 px, the best epoch on a 10% val split;" in render_section({"study-all": held_out})
     partial = render_section({"study-all": study("all")})
