@@ -102,7 +102,7 @@ def _budget(gen: dict[str, Any]) -> str:
 
 
 def _how_trained(gen: dict[str, Any]) -> str:
-    """'(2150 steps trained in 29.0 min, float32, stopped by the cap)': what the run did against its budget."""
+    """'1474 steps trained in 29.0 min, float32, stopped by the wall-clock cap': what the run did against its budget."""
     out = f"{gen.get('steps', '?')} steps trained"
     if gen.get("seconds"):
         out += f" in {gen['seconds'] / 60:.1f} min"
