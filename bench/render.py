@@ -101,13 +101,18 @@ def _budget(gen: dict[str, Any]) -> str:
     return steps or minutes or "—"
 
 
+def _precision(mixed_precision: str | None) -> str:
+    """A run's recorded mixed_precision ("no", "bf16", "fp16") as the README says it."""
+    return "float32" if mixed_precision in (None, "no") else f"{mixed_precision} autocast"
+
+
 def _how_trained(gen: dict[str, Any]) -> str:
     """'1474 steps trained in 29.0 min, float32, stopped by the wall-clock cap': what the run did against its budget."""
     out = f"{gen.get('steps', '?')} steps trained"
     if gen.get("seconds"):
         out += f" in {gen['seconds'] / 60:.1f} min"
-    if gen.get("mixed_precision"):
-        out += ", bf16 autocast" if gen["mixed_precision"] == "bf16" else ", float32"
+    if gen.get("mixed_precision"):  # older runs did not record it
+        out += f", {_precision(gen['mixed_precision'])}"
     stopped = gen.get("stopped_by")
     if stopped is None and gen.get("step_budget") and isinstance(gen.get("steps"), int):
         stopped = "steps" if gen["steps"] >= gen["step_budget"] else "minutes"  # runs before stopped_by was kept
@@ -483,7 +488,7 @@ def science_section(results: dict[str, dict]) -> list[str]:
                            + (f" after resuming at {r['resumed_from_step']}" if r.get("resumed_from_step") else "")
                            + (f" at {r['torch_threads']} thread(s)" if r.get("torch_threads") else "")
                            + f" ({r.get('lr_schedule', '?')}, {r.get('resolution', '?')} px"
-                           + (f", {r['mixed_precision']} autocast" if r.get("mixed_precision", "no") != "no" else "")
+                           + (f", {_precision(r['mixed_precision'])}" if r.get("mixed_precision", "no") != "no" else "")
                            + ")" for v, r in runs.items())
         first = next(iter(d.get("rows") or [{}]))
         classes = " / ".join(first.get("per_class") or {}) or "?"

@@ -163,6 +163,8 @@ def test_missing_results_say_not_run_yet():
     full = capped | {"generator": capped["generator"] | {"steps": 2700, "mixed_precision": "bf16",
                                                          "stopped_by": "steps"}}
     assert "(2700 steps trained in 29.0 min, bf16 autocast)" in render_section({"study-all": full})
+    gpu = full | {"generator": full["generator"] | {"mixed_precision": "fp16"}}
+    assert "(2700 steps trained in 29.0 min, fp16 autocast)" in render_section({"study-all": gpu})
     held_out = recipe | {"classifier": {"val_fraction": 0.1, "ema_decay": None}}
     assert "96 px, the best epoch on a 10% val split;" in render_section({"study-all": held_out})
     partial = render_section({"study-all": study("all")})
