@@ -430,8 +430,8 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("compute-bf16", "curve", "recipe", "diversity", "size", "training", "augment", "resolution",
-                 "sampling", "classifier", "generator")
+SCIENCE_PLANS = ("compute-bf16", "curve", "recipe", "diversity", "combined", "size", "training", "augment",
+                 "resolution", "sampling", "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
@@ -447,6 +447,7 @@ def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
         per_class = r.get("per_class") or {}
         class_cov = " / ".join(_num((v or {}).get("coverage"), 2) for v in per_class.values()) or "—"
         tstr = r.get("tstr") or {}
+        recall = " / ".join(_num(v, 2) for v in (tstr.get("recall_per_class") or {}).values()) or "—"
         out.append([r.get("lever", "?"), r.get("value", "?"), gen, sampling,
                     f"{c.get('epochs', '?')} ep, aug {c.get('augmentation_strength', '?')}"
                     + (f", mix {c.get('mixup'):g}/{c.get('cutmix'):g}" if c.get("mixup") or c.get("cutmix") else "")
@@ -454,7 +455,7 @@ def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
                     + (", last epoch" if c.get("val_fraction") == 0 else "")
                     + (f", EMA {c['ema_decay']:g}" if c.get("ema_decay") else ""),
                     _num(r.get("class_fidelity"), 2), _num(r.get("coverage"), 2), class_cov, _num(r.get("recall"), 2),
-                    _num(r.get("fd"), 1), ms, f"{_num(tstr.get('accuracy'))}{_ci(tstr.get('accuracy_ci95'))}",
+                    _num(r.get("fd"), 1), ms, f"{_num(tstr.get('accuracy'))}{_ci(tstr.get('accuracy_ci95'))}", recall,
                     _num((r.get("trtr") or {}).get("accuracy")), _ratio(r.get("tstr_over_trtr"), 2),
                     _ratio(r.get("mixed_over_trtr"), 2), _mark(r.get("gate_passed"))])
     return out
@@ -478,8 +479,8 @@ def science_section(results: dict[str, dict]) -> list[str]:
     if "science-curve-brain-mri" in results or "science-curve-all" in results:
         lines += ["![Scaling curves](bench/results/science-curves.png)", ""]
     header = ["lever", "value", "generator @ steps", "sampling", "classifier", "class fidelity", "coverage",
-              "coverage per class", "recall", "FD", "MS-SSIM syn (real)", "TSTR acc. [95% CI]", "TRTR", "TSTR ÷ TRTR",
-              "mixed ÷ TRTR", "gate"]
+              "coverage per class", "recall", "FD", "MS-SSIM syn (real)", "TSTR acc. [95% CI]",
+              "TSTR recall per class", "TRTR", "TSTR ÷ TRTR", "mixed ÷ TRTR", "gate"]
     for name in names:
         d = results[name]
         runs = d.get("generator_runs") or {}

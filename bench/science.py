@@ -225,16 +225,30 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                     mixed=True, **at)]
     if name == "diversity":  # the levers still open after the recipe, each against the recipe row on one run
         at = recipe_keys(classifier=True)
-        # most informative first (`--first N`): the recipe row (the study's number on this run), a larger set
-        # (the largest lever so far: does it go on?), then lower guidance with it (diversity against fidelity),
-        # the generator's EMA decay (kept beside the run by `train --ema-variants`), fewer sampler steps
-        rows = [row("recipe", "cpu-study", step=final, mixed=True, **at),
-                row("set size", "1024/class", step=final, **(at | {"per_class": 1024})),
-                row("guidance + set size", "w=1.5, 1024/class", step=final, **(at | {"guidance": 1.5,
-                                                                                      "per_class": 1024}))]
+        # most informative first (`--first N`): the recipe row (the study's number on this run); the levers at
+        # the recipe's set size, each alone: guidance both ways (lower: more diverse, higher: more of what sets
+        # a class apart; brain MRI's glioma samples are narrower than real ones), the generator's EMA decay
+        # (kept beside the run by `train --ema-variants`), fewer sampler steps; then the larger set, alone and
+        # with lower guidance
+        rows = [row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
+                *(row("guidance", w, step=final, variant=variant, **(at | {"guidance": w})) for w in (1.5, 1.0, 3.0))]
         decays = [d for d in trained(domain, variant)["ema_variants"] if d > 0]
-        rows += [row("generator EMA decay", d, step=final, ema=d, **at) for d in decays]
-        return rows + [row("sampler steps", 10, step=final, steps=10, **at)]
+        rows += [row("generator EMA decay", d, step=final, ema=d, variant=variant, **at) for d in decays]
+        return rows + [row("sampler steps", 10, step=final, steps=10, variant=variant, **at),
+                       row("set size", "1024/class", step=final, variant=variant, **(at | {"per_class": 1024})),
+                       row("guidance + set size", "w=1.5, 1024/class", step=final, variant=variant,
+                           **(at | {"guidance": 1.5, "per_class": 1024}))]
+    if name == "combined":  # the diversity plan's two winners (guidance 1.5, generator EMA 0.99) together
+        at = recipe_keys(classifier=True)
+        # its own file: the recipe row first, re-scored on this run (a re-trained run at the same steps must
+        # reproduce the diversity plan's recipe row, which says whether that plan's rows share this footing);
+        # the pair with its mixed classifier, then lower guidance with and without the shorter EMA
+        return [row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
+                row("guidance + generator EMA", "w=1.5, EMA 0.99", step=final, ema=0.99, mixed=True,
+                    variant=variant, **(at | {"guidance": 1.5})),
+                row("guidance + generator EMA", "w=1.0, EMA 0.99", step=final, ema=0.99, variant=variant,
+                    **(at | {"guidance": 1.0})),
+                row("guidance", 1.0, step=final, variant=variant, **(at | {"guidance": 1.0}))]
     if name == "compute":  # the recipe at every snapshot of a (faster) run: does more compute in 30 min close it?
         from meddiffuse.config import CPU_STUDY
 
@@ -348,6 +362,8 @@ class Evaluator:
         out = {"accuracy": r.accuracy, "accuracy_ci95": list(r.accuracy_ci95 or []),
                "balanced_accuracy": r.balanced_accuracy,
                "balanced_accuracy_ci95": list(r.balanced_accuracy_ci95 or []), "macro_f1": r.macro_f1,
+               # where the gap sits: which real classes the classifier misses, and for which others
+               "recall_per_class": {m.name: m.recall for m in r.per_class}, "confusion_matrix": r.confusion_matrix,
                "n_train": info.n_train, "epochs_run": info.epochs_run, "best_epoch": info.best_epoch,
                "pretrained": clf.pretrained_source, "train_seconds": round(time.monotonic() - t0, 1)}
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -571,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])
     e.add_argument("--plan", default="curve",
                    choices=["curve", "generator", "sampling", "classifier", "size", "recipe", "training", "augment",
-                            "resolution", "diversity", "compute"])
+                            "resolution", "diversity", "combined", "compute"])
     e.add_argument("--step", type=int, help="the base run's step the levers use (default: its last)")
     e.add_argument("--snapshots", type=int, nargs="*", help="only score these snapshots of a base run in progress")
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")

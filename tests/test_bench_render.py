@@ -291,7 +291,8 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
             "classes in per-class columns: a / b)") in out
     assert ("| generator steps | 1200 | base @ 1200 | dpmsolver++, w=2, 20 steps, 128/class | 6 ep, aug 1.0 | 0.80 | "
             "0.31 | 0.10 / 0.52 | 0.40 |") in out
-    assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | 0.880 | 0.80× | 1.01× | ✅ |" in out
+    # rows scored before per-class recall was recorded say so with a dash
+    assert "| 0.35 (0.22) | 0.700 [0.690, 0.710] | — | 0.880 | 0.80× | 1.01× | ✅ |" in out
     assert "science-curves.png" in out
     target = "| science-curve-brain-mri | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) |"
     # rows recorded before the classifier keys existed picked their epoch on a val split
@@ -304,6 +305,11 @@ def test_science_rows_show_diversity_ratios_and_gate_for_every_row():
     assert ("| science-recipe-all | TSTR accuracy >= 0.90 x TRTR (Lite0, cpu-study) | 0.92 at 1200 steps, "
             "dpmsolver++, 128/class, last epoch + EMA 0.998 | ✅ |") in out
     assert "science" not in render_section({})
+    # where the gap sits: the synthetic-trained classifier's recall of each real class, in the classes' order
+    missed = science_row("guidance", 3.0, 1200, 0.7)
+    missed["tstr"] = missed["tstr"] | {"recall_per_class": {"a": 0.421, "b": 0.9}}
+    out = render_section({"science-diversity-brain-mri": {**curve, "plan": "diversity", "rows": [missed]}})
+    assert "| 0.700 [0.690, 0.710] | 0.42 / 0.90 | 0.880 |" in out
 
 
 def test_science_rows_say_how_the_classifier_picked_its_weights():
@@ -366,10 +372,34 @@ def test_the_diversity_plan_changes_one_thing_per_row_against_the_recipe_row(tmp
     assert {k: first["recipe"][k] for k in ("epochs", "val_fraction", "ema_decay")} == {
         k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}
     assert [r["ema"] for r in rows if r["lever"] == "generator EMA decay"] == [0.99, 0.999]  # raw weights left out
+    # guidance is tried on both sides of the recipe's, at the recipe's set size
+    guidance = sorted(r["sampling"]["guidance"] for r in rows if r["lever"] == "guidance")
+    assert guidance[0] < CPU_STUDY["guidance"] < guidance[-1]
+    assert {r["sampling"]["per_class"] for r in rows if r["lever"] == "guidance"} == {CPU_STUDY["synthetic_per_class"]}
     for r in rest:
         changed = {k for k in ("sampling", "recipe", "ema") if r[k] != first[k]}
         assert r["step"] == 1200 and r["recipe"] == first["recipe"] and changed <= {"sampling", "ema"}, r
     assert len({json.dumps([r["sampling"], r["ema"]], sort_keys=True) for r in rows}) == len(rows)
+
+
+def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_row(tmp_path, monkeypatch):
+    from bench import science
+    from meddiffuse.config import CPU_STUDY
+
+    monkeypatch.setattr(science, "WORK", tmp_path)
+    (tmp_path / "brain-mri").mkdir()
+    (tmp_path / "brain-mri" / "train-base.json").write_text(json.dumps({"ema_variants": [0.99, 0.999]}))
+    combined = science.plan("combined", "brain-mri", 1559)
+    recipe = science.plan("diversity", "brain-mri", 1559)[0]
+    # the same recipe row as the diversity plan's: one cache entry, and the check that both share a footing
+    assert {k: combined[0][k] for k in science.CONFIG_KEYS} == {k: recipe[k] for k in science.CONFIG_KEYS}
+    pair = combined[1]
+    assert (pair["sampling"]["guidance"], pair["ema"], pair["mixed"]) == (1.5, 0.99, True)
+    for r in combined[1:]:
+        assert r["step"] == 1559 and r["recipe"] == recipe["recipe"], r
+        assert r["sampling"]["per_class"] == CPU_STUDY["synthetic_per_class"]
+        assert r["sampling"]["guidance"] < CPU_STUDY["guidance"]
+    assert len({json.dumps([r["sampling"], r["ema"]], sort_keys=True) for r in combined}) == len(combined)
 
 
 def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_path, monkeypatch):
