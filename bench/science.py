@@ -231,7 +231,7 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         # (kept beside the run by `train --ema-variants`), fewer sampler steps; then the larger set, alone and
         # with lower guidance
         rows = [row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
-                *(row("guidance", w, step=final, variant=variant, **(at | {"guidance": w})) for w in (1.5, 1.0, 3.0))]
+                *(row("guidance", w, step=final, variant=variant, **(at | {"guidance": w})) for w in (1.5, 3.0))]
         decays = [d for d in trained(domain, variant)["ema_variants"] if d > 0]
         rows += [row("generator EMA decay", d, step=final, ema=d, variant=variant, **at) for d in decays]
         return rows + [row("sampler steps", 10, step=final, steps=10, variant=variant, **at),
@@ -240,12 +240,13 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                            **(at | {"guidance": 1.5, "per_class": 1024}))]
     if name == "combined":  # the diversity plan's two winners (guidance 1.5, generator EMA 0.99) together
         at = recipe_keys(classifier=True)
-        # its own file: the recipe row first, re-scored on this run (a re-trained run at the same steps must
-        # reproduce the diversity plan's recipe row, which says whether that plan's rows share this footing);
-        # the pair with its mixed classifier, then lower guidance with and without the shorter EMA
-        return [row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
-                row("guidance + generator EMA", "w=1.5, EMA 0.99", step=final, ema=0.99, mixed=True,
+        # its own file: the pair first, with its mixed classifier (`--first 1`); then the recipe row re-scored
+        # on this run (a run re-trained to the same step must reproduce the diversity plan's recipe row: that
+        # says whether that plan's rows share this footing); then lower guidance still (w = 1), with and
+        # without the shorter EMA
+        return [row("guidance + generator EMA", "w=1.5, EMA 0.99", step=final, ema=0.99, mixed=True,
                     variant=variant, **(at | {"guidance": 1.5})),
+                row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
                 row("guidance + generator EMA", "w=1.0, EMA 0.99", step=final, ema=0.99, variant=variant,
                     **(at | {"guidance": 1.0})),
                 row("guidance", 1.0, step=final, variant=variant, **(at | {"guidance": 1.0}))]

@@ -392,10 +392,10 @@ def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_r
     combined = science.plan("combined", "brain-mri", 1559)
     recipe = science.plan("diversity", "brain-mri", 1559)[0]
     # the same recipe row as the diversity plan's: one cache entry, and the check that both share a footing
-    assert {k: combined[0][k] for k in science.CONFIG_KEYS} == {k: recipe[k] for k in science.CONFIG_KEYS}
-    pair = combined[1]
+    assert {k: combined[1][k] for k in science.CONFIG_KEYS} == {k: recipe[k] for k in science.CONFIG_KEYS}
+    pair = combined[0]
     assert (pair["sampling"]["guidance"], pair["ema"], pair["mixed"]) == (1.5, 0.99, True)
-    for r in combined[1:]:
+    for r in combined[:1] + combined[2:]:
         assert r["step"] == 1559 and r["recipe"] == recipe["recipe"], r
         assert r["sampling"]["per_class"] == CPU_STUDY["synthetic_per_class"]
         assert r["sampling"]["guidance"] < CPU_STUDY["guidance"]
