@@ -240,6 +240,9 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                            **(at | {"guidance": 1.5, "per_class": 1024}))]
     if name == "combined":  # the diversity plan's two winners (guidance 1.5, generator EMA 0.99) together
         at = recipe_keys(classifier=True)
+        if 0.99 not in trained(domain, variant)["ema_variants"]:  # say so before any sampling starts
+            raise SystemExit(f"{domain}/{variant} kept no generator EMA 0.99 beside it: re-train it with "
+                             f"`bench/science.py train ... --ema-variants 0.99`")
         # its own file: the pair first, with its mixed classifier (`--first 1`); then the recipe row re-scored
         # on this run (a run re-trained to the same step must reproduce the diversity plan's recipe row: that
         # says whether that plan's rows share this footing); then lower guidance still (w = 1), with and
@@ -275,8 +278,9 @@ RECIPE_ADDED = {"val_fraction": 0.1, "ema_decay": None}  # classifier keys added
 def recorded(domain: str, r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The row ``r`` as an earlier run scored it into bench/results (and that run's generator record), or None.
 
-    For generators no longer in the working folder: on one torch thread the whole pipeline is deterministic (a
-    fresh re-run of the recipe rows reproduced every metric), so a recorded row is the row."""
+    For generators no longer in the working folder: at one thread count on one CPU kind the whole pipeline is
+    deterministic (fresh re-runs of recipe rows, at one and at two threads, reproduced every metric), so a
+    recorded row is the row."""
     from bench.common import RESULTS
 
     def config(x: dict[str, Any]) -> dict[str, Any]:  # recipes recorded before a key existed had its old value

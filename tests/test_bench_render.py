@@ -400,6 +400,10 @@ def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_r
         assert r["sampling"]["per_class"] == CPU_STUDY["synthetic_per_class"]
         assert r["sampling"]["guidance"] < CPU_STUDY["guidance"]
     assert len({json.dumps([r["sampling"], r["ema"]], sort_keys=True) for r in combined}) == len(combined)
+    # a run that kept no EMA 0.99 is refused before anything is sampled, with the command that fixes it
+    (tmp_path / "brain-mri" / "train-base.json").write_text(json.dumps({"ema_variants": [0.999]}))
+    with pytest.raises(SystemExit, match="--ema-variants 0.99"):
+        science.plan("combined", "brain-mri", 1559)
 
 
 def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_path, monkeypatch):
