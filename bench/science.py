@@ -494,6 +494,16 @@ def describe_run(t: dict[str, Any]) -> dict[str, Any]:
             "mixed_precision": info.get("mixed_precision", "no")}  # what the run trained in, not what was asked
 
 
+PER_RUN_PLANS = ("curve", "compute", "diversity", "combined")  # plans that follow one generator run
+
+
+def result_name(plan_name: str, variant: str, domain: str) -> str:
+    """The results file of a plan: one per variant for the plans that follow one run (a bf16 run's levers must
+    not overwrite the float32 run's), else one per plan."""
+    name = f"{plan_name}-{variant}" if plan_name in PER_RUN_PLANS and variant != "base" else plan_name
+    return f"science-{name}-{domain}"
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     t0 = time.monotonic()
     if a.snapshots:  # score a running base run's snapshots early (cached for the full evaluation later)
@@ -516,9 +526,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         write_grids(ev, [r for r in rows if r["lever"] == "generator steps"])
     if a.plan in ("augment", "resolution", "compute"):
         write_grids(ev, [r for r in rows if "recorded_in" not in r])
-    # a curve (and a compute curve) per variant
-    name = f"{a.plan}-{variant}" if a.plan in ("curve", "compute") and variant != "base" else a.plan
-    path = write_result(f"science-{name}-{a.domain}", {
+    path = write_result(result_name(a.plan, variant, a.domain), {
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
         "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
         "generator_runs": runs,

@@ -406,6 +406,18 @@ def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_r
         science.plan("combined", "brain-mri", 1559)
 
 
+def test_a_plan_that_follows_one_run_writes_one_file_per_variant():
+    from bench import science
+    from bench.render import SCIENCE_PLANS
+
+    assert science.result_name("combined", "base", "brain-mri") == "science-combined-brain-mri"
+    assert science.result_name("combined", "bf16", "brain-mri") == "science-combined-bf16-brain-mri"
+    assert science.result_name("diversity", "bf16", "all") == "science-diversity-bf16-all"
+    assert science.result_name("size", "bf16", "all") == "science-size-all"  # plans on the base run keep one file
+    # and the README orders every per-variant file the bench writes (bf16 first: the recipe's generator)
+    assert {"combined-bf16", "diversity-bf16", "compute-bf16"} <= set(SCIENCE_PLANS)
+
+
 def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_path, monkeypatch):
     from bench import science
 
