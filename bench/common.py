@@ -20,6 +20,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
+        "cpu_bf16": cpu_bf16_units(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -42,6 +43,17 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def cpu_bf16_units() -> str | None:
+    """Which native bf16 units the CPU has ("amx", "avx512_bf16") or None: CPUs of one marketing name differ
+    (a "Intel(R) Xeon(R) Processor" may have AMX or not), and bf16 training speed depends on it."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

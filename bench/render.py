@@ -69,7 +69,8 @@ def machine_line(d: dict[str, Any]) -> str:
     """'Measured on <date>, <cpu> (N CPUs, GPU), torch x, diffusers y, T threads[, scale s].'"""
     m = d.get("machine") or {}
     cpu = _get(d, "peak", "model") or m.get("cpu_model") or m.get("processor") or "unknown CPU"
-    parts = [f"{cpu}, {m.get('cpu_count', '?')} CPUs"]
+    parts = [f"{cpu}" + (f" with {m['cpu_bf16'].upper().replace('_', '-')}" if m.get("cpu_bf16") else "")
+             + f", {m.get('cpu_count', '?')} CPUs"]
     if m.get("cuda"):
         parts.append(str(m["cuda"]))
     versions = m.get("versions") or {}
@@ -430,8 +431,9 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("compute-bf16", "combined-bf16", "diversity-bf16", "curve", "recipe", "diversity", "combined", "size",
-                 "training", "augment", "resolution", "sampling", "classifier", "generator")
+SCIENCE_PLANS = ("compute-bf16", "combined-bf16-avx512", "combined-bf16", "diversity-bf16", "curve", "recipe",
+                 "diversity", "combined", "size", "training", "augment", "resolution", "sampling", "classifier",
+                 "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:

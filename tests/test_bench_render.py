@@ -393,8 +393,10 @@ def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_r
     recipe = science.plan("diversity", "brain-mri", 1559)[0]
     # the same recipe row as the diversity plan's: one cache entry, and the check that both share a footing
     assert {k: combined[1][k] for k in science.CONFIG_KEYS} == {k: recipe[k] for k in science.CONFIG_KEYS}
-    pair = combined[0]
-    assert (pair["sampling"]["guidance"], pair["ema"], pair["mixed"]) == (1.5, 0.99, True)
+    # lower guidance with the shorter EMA first, with its mixed classifier (`--first 1` gives the goal's two numbers)
+    first = combined[0]
+    assert (first["sampling"]["guidance"], first["ema"], first["mixed"]) == (1.0, 0.99, True)
+    assert any((r["sampling"]["guidance"], r["ema"]) == (1.5, 0.99) for r in combined)  # the diversity winners paired
     for r in combined[:1] + combined[2:]:
         assert r["step"] == 1559 and r["recipe"] == recipe["recipe"], r
         assert r["sampling"]["per_class"] == CPU_STUDY["synthetic_per_class"]
@@ -415,7 +417,9 @@ def test_a_plan_that_follows_one_run_writes_one_file_per_variant():
     assert science.result_name("diversity", "bf16", "all") == "science-diversity-bf16-all"
     assert science.result_name("size", "bf16", "all") == "science-size-all"  # plans on the base run keep one file
     # and the README orders every per-variant file the bench writes (bf16 first: the recipe's generator)
-    assert {"combined-bf16", "diversity-bf16", "compute-bf16"} <= set(SCIENCE_PLANS)
+    assert {"combined-bf16", "diversity-bf16", "compute-bf16", "combined-bf16-avx512"} <= set(SCIENCE_PLANS)
+    # a variant's name may hold a dash: the file still names the plan, the variant and the domain
+    assert science.result_name("combined", "bf16-avx512", "brain-mri") == "science-combined-bf16-avx512-brain-mri"
 
 
 def test_the_compute_plan_scores_the_recipe_at_every_snapshot_final_first(tmp_path, monkeypatch):
@@ -487,3 +491,21 @@ def test_report_figure_stops_above_the_first_section_with_real_images(tmp_path):
     with pytest.raises(SystemExit, match="nothing written"):
         main(["--report", str(report), "--out", str(out), "--chromium", chromium])
     assert out.read_bytes() == before and not list(tmp_path.glob(".*.part.png"))
+
+
+def test_bench_metadata_names_the_cpus_bf16_units_as_torch_sees_them():
+    """One marketing name covers CPUs with and without AMX, and bf16 training speed depends on which: the
+    machine record reads the units from /proc/cpuinfo, and they agree with what the training loop decides."""
+    from bench.common import cpu_bf16_units, machine
+    from bench.render import machine_line
+    from meddiffuse.generate.training import cpu_has_native_bf16
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo on this OS: the units are not read")
+    units = machine()["cpu_bf16"]
+    assert units == cpu_bf16_units() in (None, "amx", "avx512_bf16")
+    assert (units is not None) == cpu_has_native_bf16()
+    line = machine_line({"date": "2026-12-07", "machine": {"cpu_model": "AMD EPYC", "cpu_bf16": "avx512_bf16",
+                                                           "cpu_count": 2}})
+    assert "AMD EPYC with AVX512-BF16, 2 CPUs" in line
+    assert " with " not in machine_line({"date": "2026-12-07", "machine": {"cpu_model": "AMD EPYC", "cpu_count": 2}})

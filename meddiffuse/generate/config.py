@@ -68,7 +68,7 @@ class GeneratorConfig(BaseModel):
     # execution
     mixed_precision: MixedPrecision = Field(
         "auto", description="auto = bf16/fp16 on CUDA, float32 on CPU; bf16 on a CPU is used only where the CPU "
-                            "has bf16 matrix units (Intel AMX), else float32.")
+                            "computes bf16 natively (Intel AMX or AVX512-BF16), else float32.")
     compile: bool = Field(False, description="torch.compile the UNet (helps on long runs; slow to start).")
 
     @model_validator(mode="after")
@@ -155,7 +155,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # the study's CPU generator (bench/science.py): cpu-small's UNet with a constant LR after warm-up, so the EMA
 # model at any step is what a run of that budget gives, and a finished run can be extended by resuming it; bf16
-# autocast where the CPU has AMX (1.7x the steps in the same minutes there; float32 elsewhere)
+# autocast where the CPU computes bf16 natively (AMX: 1.75x the steps in the same minutes; AVX512-BF16 alone,
+# AMD Zen 4: 1.6x; float32 elsewhere)
 PRESETS["cpu-study"] = {**PRESETS["cpu-small"], "lr_schedule": "constant_with_warmup", "mixed_precision": "bf16"}
 
 
