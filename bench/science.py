@@ -115,8 +115,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         settings=exp.settings, track=False, snapshot_steps=a.snapshots, ema_variants=a.ema_variants,
         on_step=on_step,
     )
+    # only the snapshots the run reached: a minutes cap may stop it before the later ones
+    reached = {s for s in a.snapshots if s <= info.steps_trained} | {info.steps_trained}
     payload = {"domain": a.domain, "variant": a.variant, "overrides": VARIANTS[a.variant],
-               "config": config.model_dump(mode="json"), "snapshots": sorted(set(a.snapshots) | {info.steps_trained}),
+               "config": config.model_dump(mode="json"), "snapshots": sorted(reached),
                "ema_variants": a.ema_variants, "ema_variants_checkpointed": True,
                "info": info.model_dump(mode="json", exclude={"loss_history"}),
                "loss_history": info.loss_history[::5], "wall_seconds": round(time.monotonic() - t0, 1),

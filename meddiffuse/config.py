@@ -60,9 +60,9 @@ CPU_STUDY: dict[str, Any] = {
     # 2700 steps under bf16 autocast: ~25 (brain MRI, 1 channel) to ~28 (ALL, RGB) min on 2 cores of a Xeon with
     # AMX; 3000 steps gave TSTR/TRTR 0.84 -> 0.88 and coverage 0.56 -> 0.79 on brain MRI over 1200 steps, but take
     # 31 min on ALL; ALL 0.88 -> 0.96 at 2700. COVID CT does better near 1200-1400 steps (~1.0 in three runs,
-    # 0.84 at 2700): pass generator_steps=1200 there. The cap keeps the 30-minute budget on a CPU without AMX
-    # (float32: ~1.05 s/step on an AMD EPYC, 1.19 on an Ice Lake Xeon, where it stopped at 1393-1474 steps;
-    # the run records where it stopped)
+    # 0.84 at 2700): pass generator_steps=1200 there. The cap keeps the 30-minute budget on slower CPUs: bf16
+    # with AVX512-BF16 alone (a Zen 4 EPYC: 0.75 s/step, stopped at 2311) or float32 without native bf16
+    # (~1.05 s/step on an older EPYC, 1.19 on an Ice Lake Xeon: 1393-1474 steps); the run records where it stopped
     "generator_steps": 2700,
     "generator_minutes": 29.0,
     "sampler": "dpmsolver++-sde",  # +3 points TSTR over the ODE solver on brain MRI at the same cost
