@@ -431,9 +431,9 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("compute-bf16", "combined-bf16-avx512", "combined-bf16", "diversity-bf16", "curve", "recipe",
-                 "diversity", "combined", "size", "training", "augment", "resolution", "sampling", "classifier",
-                 "generator")
+SCIENCE_PLANS = ("compute-bf16", "compute-bf16-avx512", "combined-bf16-avx512", "combined-bf16", "diversity-bf16",
+                 "curve", "recipe", "diversity", "combined", "size", "training", "augment", "resolution", "sampling",
+                 "classifier", "generator")
 
 
 def _science_rows(d: dict[str, Any]) -> list[list[Any]]:
