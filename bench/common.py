@@ -16,6 +16,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def machine() -> dict[str, Any]:
     import torch
 
+    from meddiffuse.generate.training import cpu_bf16_units  # what the training loop decides bf16 from
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -43,17 +45,6 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
-
-
-def cpu_bf16_units() -> str | None:
-    """Which native bf16 units the CPU has ("amx", "avx512_bf16") or None: CPUs of one marketing name differ
-    (a "Intel(R) Xeon(R) Processor" may have AMX or not), and bf16 training speed depends on it."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        return None
-    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

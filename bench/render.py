@@ -373,7 +373,8 @@ def train_speed_section(d: dict[str, Any] | None) -> list[str]:
         lines.append(f"Peak: {peak.get('assumption', 'unknown')}.")
     if "bf16_native_for_recipe" in peak:  # runs before 2026-12-07 did not ask the library
         listed = ", ".join(peak.get("bf16_instructions") or []) or "none"
-        lines.append(f"bf16 matrix units (AMX), which the `cpu-study` recipe's bf16 generator needs: "
+        # the library's answer in that run (AMX only before 2026-12-07; AMX or AVX512-BF16 since)
+        lines.append(f"Native bf16 for the `cpu-study` recipe's bf16 generator, as the library judged it in this run: "
                      f"{'yes' if peak['bf16_native_for_recipe'] else 'no (the recipe trains in float32 here)'}; "
                      f"bf16 instructions listed by the CPU: {listed}.")
     sgemm = d.get("sgemm_reference") or {}

@@ -289,7 +289,7 @@ def cpu_peak() -> dict[str, Any]:
         "fma": fma, "fma_units_per_core": FMA_UNITS_ASSUMED, "flop_per_cycle_per_core": per_cycle,
         "gflops_fp32": gflops, "bf16_instructions": sorted(f for f in flags if "bf16" in f or f.startswith("amx")),
         "bf16_autocast_supported": bf16,
-        # the library's own question (bf16 matrix units): where False, the cpu-study recipe trains in float32
+        # the library's own question (native bf16: AMX or AVX512-BF16): where False, cpu-study trains in float32
         "bf16_native_for_recipe": cpu_has_native_bf16(),
         "assumption": (f"FLOP/cycle/core = 2 (FMA) x {lanes} fp32 lanes x {FMA_UNITS_ASSUMED} FMA units (assumed: "
                        "Xeon Scalable Gold/Platinum have two AVX-512 FMA ports); cores = os.cpu_count() (vCPUs); "

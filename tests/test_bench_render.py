@@ -125,12 +125,11 @@ def test_section_has_markers_and_expected_rows():
     assert "ceiling of cores × one thread's matmul rate (226 GFLOP/s)" in out and "is 15%." in out
     hot = fixtures()["train-speed"] | {"sgemm_reference": {"1 thread(s)": 176.0}}
     assert "beats the computed one-core peak (147)" in render_section({"train-speed": hot})
-    assert "bf16 matrix units" not in out  # a run that did not ask the library says nothing about it
+    assert "Native bf16 for" not in out  # a run that did not ask the library says nothing about it
     peak = fixtures()["train-speed"]["peak"]
-    no_amx = fixtures()["train-speed"] | {"peak": peak | {"bf16_native_for_recipe": False,
-                                                         "bf16_instructions": ["avx512_bf16"]}}
-    assert ("(AMX), which the `cpu-study` recipe's bf16 generator needs: no (the recipe trains in float32 here); "
-            "bf16 instructions listed by the CPU: avx512_bf16.") in render_section({"train-speed": no_amx})
+    no_bf16 = fixtures()["train-speed"] | {"peak": peak | {"bf16_native_for_recipe": False, "bf16_instructions": []}}
+    assert ("bf16 generator, as the library judged it in this run: no (the recipe trains in float32 here); "
+            "bf16 instructions listed by the CPU: none.") in render_section({"train-speed": no_bf16})
     assert "- ❌ target: UNet forward >= 30% of fp32 peak — measured 11.9%" in out
     # targets at a glance and the runner's timing
     assert "| train-speed | UNet forward >= 30% of fp32 peak | 11.9% | ❌ |" in out
@@ -493,17 +492,21 @@ def test_report_figure_stops_above_the_first_section_with_real_images(tmp_path):
     assert out.read_bytes() == before and not list(tmp_path.glob(".*.part.png"))
 
 
-def test_bench_metadata_names_the_cpus_bf16_units_as_torch_sees_them():
+def test_bench_metadata_names_the_cpus_bf16_units_as_the_cpu_reports_them():
     """One marketing name covers CPUs with and without AMX, and bf16 training speed depends on which: the
-    machine record reads the units from /proc/cpuinfo, and they agree with what the training loop decides."""
-    from bench.common import cpu_bf16_units, machine
+    machine record holds the units the training loop decides bf16 from, and they agree with the CPU's own
+    flags (read here from /proc/cpuinfo, independently of torch)."""
+    from bench.common import machine
     from bench.render import machine_line
     from meddiffuse.generate.training import cpu_has_native_bf16
 
-    if not Path("/proc/cpuinfo").exists():
-        pytest.skip("no /proc/cpuinfo on this OS: the units are not read")
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this OS: the CPU's flags cannot be read independently")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), [])
     units = machine()["cpu_bf16"]
-    assert units == cpu_bf16_units() in (None, "amx", "avx512_bf16")
+    assert units == ("amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None)
     assert (units is not None) == cpu_has_native_bf16()
     line = machine_line({"date": "2026-12-07", "machine": {"cpu_model": "AMD EPYC", "cpu_bf16": "avx512_bf16",
                                                            "cpu_count": 2}})
