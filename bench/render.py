@@ -432,7 +432,8 @@ def levers_section(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-SCIENCE_PLANS = ("compute-bf16", "compute-bf16-avx512", "combined-bf16-avx512", "combined-bf16", "diversity-bf16",
+SCIENCE_PLANS = ("compute-bf16", "compute-bf16-avx512", "guidance-bf16-avx512", "combined-bf16-avx512",
+                 "combined-bf16", "diversity-bf16",
                  "curve", "recipe", "diversity", "combined", "size", "training", "augment", "resolution", "sampling",
                  "classifier", "generator")
 

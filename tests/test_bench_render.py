@@ -407,6 +407,23 @@ def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_r
         science.plan("combined", "brain-mri", 1559)
 
 
+def test_the_guidance_plan_scores_w1_against_the_recipe_row_both_with_mixed(tmp_path, monkeypatch):
+    from bench import science
+
+    monkeypatch.setattr(science, "WORK", tmp_path)
+    (tmp_path / "all").mkdir()
+    (tmp_path / "all" / "train-bf16-avx512.json").write_text(json.dumps({"ema_variants": []}))  # no extra EMA needed
+    lower, recipe = science.plan("guidance", "all", 2150, "bf16-avx512")
+    # its recipe row is the compute plan's row at the run's last step: one cache entry, one footing
+    at_final = science.row("generator steps (recipe)", 2150, variant="bf16-avx512", step=2150, mixed=True,
+                           **science.recipe_keys(classifier=True))
+    assert {k: recipe[k] for k in science.CONFIG_KEYS} == {k: at_final[k] for k in science.CONFIG_KEYS}
+    # the lever row changes guidance alone, on the run's own EMA, and scores the goal's second half too
+    assert lower["sampling"] == recipe["sampling"] | {"guidance": 1.0} and lower["sampling"] != recipe["sampling"]
+    assert (lower["ema"], lower["mixed"], lower["recipe"], lower["step"]) == (None, True, recipe["recipe"], 2150)
+    assert science.result_name("guidance", "bf16-avx512", "all") == "science-guidance-bf16-avx512-all"
+
+
 def test_a_plan_that_follows_one_run_writes_one_file_per_variant():
     from bench import science
     from bench.render import SCIENCE_PLANS
