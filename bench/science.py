@@ -263,8 +263,11 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         at = recipe_keys(classifier=True)
         # w = 1 is brain MRI's measured lever (0.915 on the AMX run); scored on another domain it says whether it
         # can be every domain's default (`meddiffuse experiment --guidance 1.0`) or stays brain MRI's alone
+        # then lower still (w = 0.5: does the trend go on, or does class fidelity start to cost more than diversity
+        # gives?); `--guidance W` scores only the rows at those scales
         return [row("guidance", 1.0, step=final, mixed=True, variant=variant, **(at | {"guidance": 1.0})),
-                row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at)]
+                row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
+                row("guidance", 0.5, step=final, mixed=True, variant=variant, **(at | {"guidance": 0.5}))]
     if name == "compute":  # the recipe at every snapshot of a (faster) run: does more compute in 30 min close it?
         from meddiffuse.config import CPU_STUDY
 
@@ -516,6 +519,12 @@ def result_name(plan_name: str, variant: str, domain: str) -> str:
     return f"science-{name}-{domain}"
 
 
+def chosen_rows(rows: list[dict[str, Any]], at: list[int] | None = None,
+                guidance: list[float] | None = None) -> list[dict[str, Any]]:
+    """The plan's rows at these generator steps and guidance scales (None or empty: all), in the plan's order."""
+    return [r for r in rows if (not at or r["step"] in at) and (not guidance or r["sampling"]["guidance"] in guidance)]
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     t0 = time.monotonic()
     if a.snapshots:  # score a running base run's snapshots early (cached for the full evaluation later)
@@ -527,7 +536,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     base = trained(a.domain, variant)
     final = a.step or base["info"]["steps_trained"]
     ev = Evaluator(a.domain)
-    chosen = [r for r in plan(a.plan, a.domain, final, variant) if not getattr(a, "at", None) or r["step"] in a.at]
+    chosen = chosen_rows(plan(a.plan, a.domain, final, variant), getattr(a, "at", None), getattr(a, "guidance", None))
     rows = [ev.score(r) for r in chosen[:getattr(a, "first", None)]]
     runs: dict[str, dict[str, Any]] = {}
     for r in rows:  # the generator runs behind the rows: this folder's records, or the recorded row's run
@@ -618,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--variant", default="base", choices=sorted(VARIANTS), help="the run a curve follows")
     e.add_argument("--first", type=int, help="score only the plan's first N rows (they come most informative first)")
     e.add_argument("--at", type=int, nargs="*", help="score only the plan's rows at these generator steps")
+    e.add_argument("--guidance", type=float, nargs="*", help="score only the plan's rows at these guidance scales")
     sub.add_parser("plot", help="draw bench/results/science-curves.png from the curve results")
     r = sub.add_parser("run", help="train the base run, evaluate its curve, plot (what `make bench-full` runs)")
     r.add_argument("--domain", default="brain-mri", choices=["brain-mri", "all", "covid-ct"])

@@ -413,7 +413,7 @@ def test_the_guidance_plan_scores_w1_against_the_recipe_row_both_with_mixed(tmp_
     monkeypatch.setattr(science, "WORK", tmp_path)
     (tmp_path / "all").mkdir()
     (tmp_path / "all" / "train-bf16-avx512.json").write_text(json.dumps({"ema_variants": []}))  # no extra EMA needed
-    lower, recipe = science.plan("guidance", "all", 2150, "bf16-avx512")
+    lower, recipe, lowest = science.plan("guidance", "all", 2150, "bf16-avx512")
     # its recipe row is the compute plan's row at the run's last step: one cache entry, one footing
     at_final = science.row("generator steps (recipe)", 2150, variant="bf16-avx512", step=2150, mixed=True,
                            **science.recipe_keys(classifier=True))
@@ -421,6 +421,11 @@ def test_the_guidance_plan_scores_w1_against_the_recipe_row_both_with_mixed(tmp_
     # the lever row changes guidance alone, on the run's own EMA, and scores the goal's second half too
     assert lower["sampling"] == recipe["sampling"] | {"guidance": 1.0} and lower["sampling"] != recipe["sampling"]
     assert (lower["ema"], lower["mixed"], lower["recipe"], lower["step"]) == (None, True, recipe["recipe"], 2150)
+    assert lowest["sampling"] == recipe["sampling"] | {"guidance": 0.5} and lowest["mixed"]
+    # `evaluate --guidance 0.5` scores that row alone; without a filter every row, in the plan's order
+    assert science.chosen_rows([lower, recipe, lowest], guidance=[0.5]) == [lowest]
+    assert science.chosen_rows([lower, recipe, lowest], at=[2150]) == [lower, recipe, lowest]
+    assert science.chosen_rows([lower, recipe, lowest], at=[1200]) == []
     assert science.result_name("guidance", "bf16-avx512", "all") == "science-guidance-bf16-avx512-all"
 
 
