@@ -149,6 +149,11 @@ def row(lever: str, value: Any, variant: str = "base", step: int | None = None, 
             "sampling": sampling, "recipe": recipe, "mixed": mixed}
 
 
+# the recipe's guidance until 2026-12-07 (w = 2): the diversity and combined plans measured their levers around
+# it, so it stays their baseline row (and a fresh working folder finds their recorded rows again)
+FORMER_GUIDANCE = 2.0
+
+
 def recipe_keys(*, classifier: bool) -> dict[str, Any]:
     """The `cpu-study` recipe's sampling keys for a row (and, with ``classifier``, its classifier's training)."""
     from meddiffuse.config import CPU_STUDY
@@ -229,13 +234,13 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                 row("generator resolution", f"64 px, {final} steps (equal FLOPs)", variant="px64", step=final,
                     mixed=True, **at)]
     if name == "diversity":  # the levers still open after the recipe, each against the recipe row on one run
-        at = recipe_keys(classifier=True)
+        at = recipe_keys(classifier=True) | {"guidance": FORMER_GUIDANCE}
         # most informative first (`--first N`): the recipe row (the study's number on this run); the levers at
         # the recipe's set size, each alone: guidance both ways (lower: more diverse, higher: more of what sets
         # a class apart; brain MRI's glioma samples are narrower than real ones), the generator's EMA decay
         # (kept beside the run by `train --ema-variants`), fewer sampler steps; then the larger set, alone and
         # with lower guidance
-        rows = [row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
+        rows = [row("recipe", "cpu-study (w=2, until 2026-12-07)", step=final, mixed=True, variant=variant, **at),
                 *(row("guidance", w, step=final, variant=variant, **(at | {"guidance": w})) for w in (1.5, 3.0))]
         decays = [d for d in trained(domain, variant)["ema_variants"] if d > 0]
         rows += [row("generator EMA decay", d, step=final, ema=d, variant=variant, **at) for d in decays]
@@ -244,7 +249,7 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
                        row("guidance + set size", "w=1.5, 1024/class", step=final, variant=variant,
                            **(at | {"guidance": 1.5, "per_class": 1024}))]
     if name == "combined":  # the diversity plan's winners (lower guidance, generator EMA 0.99) together
-        at = recipe_keys(classifier=True)
+        at = recipe_keys(classifier=True) | {"guidance": FORMER_GUIDANCE}
         if 0.99 not in trained(domain, variant)["ema_variants"]:  # say so before any sampling starts
             raise SystemExit(f"{domain}/{variant} kept no generator EMA 0.99 beside it: re-train it with "
                              f"`bench/science.py train ... --ema-variants 0.99`")
@@ -255,19 +260,17 @@ def plan(name: str, domain: str, final: int, variant: str = "base") -> list[dict
         # the shorter EMA needed?); then the diversity plan's two winners (w = 1.5, EMA 0.99) together
         return [row("guidance + generator EMA", "w=1.0, EMA 0.99", step=final, ema=0.99, mixed=True,
                     variant=variant, **(at | {"guidance": 1.0})),
-                row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
+                row("recipe", "cpu-study (w=2, until 2026-12-07)", step=final, mixed=True, variant=variant, **at),
                 row("guidance", 1.0, step=final, variant=variant, **(at | {"guidance": 1.0})),
                 row("guidance + generator EMA", "w=1.5, EMA 0.99", step=final, ema=0.99, mixed=True,
                     variant=variant, **(at | {"guidance": 1.5}))]
-    if name == "guidance":  # lower guidance against the recipe on one run, both with mixed (no extra EMA needed)
+    if name == "guidance":  # guidance on one run, every row with its mixed classifier (no extra EMA needed)
         at = recipe_keys(classifier=True)
-        # w = 1 is brain MRI's measured lever (0.915 on the AMX run); scored on another domain it says whether it
-        # can be every domain's default (`meddiffuse experiment --guidance 1.0`) or stays brain MRI's alone
-        # then lower still (w = 0.5: does the trend go on, or does class fidelity start to cost more than diversity
-        # gives?); `--guidance W` scores only the rows at those scales
-        return [row("guidance", 1.0, step=final, mixed=True, variant=variant, **(at | {"guidance": 1.0})),
-                row("recipe", "cpu-study", step=final, mixed=True, variant=variant, **at),
-                row("guidance", 0.5, step=final, mixed=True, variant=variant, **(at | {"guidance": 0.5}))]
+        # w = 1 (brain MRI's lever, 0.915 on the AMX run; the recipe since ALL confirmed it on 2026-12-07) against
+        # the former w = 2, then lower still (w = 0.5: does the trend go on, or does class fidelity start to cost
+        # more than diversity gives?); `--guidance W` scores only the rows at those scales
+        return [row("guidance", w, step=final, mixed=True, variant=variant, **(at | {"guidance": w}))
+                for w in (1.0, FORMER_GUIDANCE, 0.5)]
     if name == "compute":  # the recipe at every snapshot of a (faster) run: does more compute in 30 min close it?
         from meddiffuse.config import CPU_STUDY
 

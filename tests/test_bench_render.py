@@ -367,13 +367,13 @@ def test_the_diversity_plan_changes_one_thing_per_row_against_the_recipe_row(tmp
     first, rest = rows[0], rows[1:]
     # the recipe row is the study's configuration (its classifier included) and the only one with mixed
     assert (first["sampling"]["per_class"], first["sampling"]["guidance"], first["mixed"]) == (
-        CPU_STUDY["synthetic_per_class"], CPU_STUDY["guidance"], True)
+        CPU_STUDY["synthetic_per_class"], science.FORMER_GUIDANCE, True)  # the recipe these levers were measured around
     assert {k: first["recipe"][k] for k in ("epochs", "val_fraction", "ema_decay")} == {
         k: CPU_STUDY[k] for k in ("epochs", "val_fraction", "ema_decay")}
     assert [r["ema"] for r in rows if r["lever"] == "generator EMA decay"] == [0.99, 0.999]  # raw weights left out
     # guidance is tried on both sides of the recipe's, at the recipe's set size
     guidance = sorted(r["sampling"]["guidance"] for r in rows if r["lever"] == "guidance")
-    assert guidance[0] < CPU_STUDY["guidance"] < guidance[-1]
+    assert guidance[0] < science.FORMER_GUIDANCE < guidance[-1]
     assert {r["sampling"]["per_class"] for r in rows if r["lever"] == "guidance"} == {CPU_STUDY["synthetic_per_class"]}
     for r in rest:
         changed = {k for k in ("sampling", "recipe", "ema") if r[k] != first[k]}
@@ -399,7 +399,7 @@ def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_r
     for r in combined[:1] + combined[2:]:
         assert r["step"] == 1559 and r["recipe"] == recipe["recipe"], r
         assert r["sampling"]["per_class"] == CPU_STUDY["synthetic_per_class"]
-        assert r["sampling"]["guidance"] < CPU_STUDY["guidance"]
+        assert r["sampling"]["guidance"] < science.FORMER_GUIDANCE
     assert len({json.dumps([r["sampling"], r["ema"]], sort_keys=True) for r in combined}) == len(combined)
     # a run that kept no EMA 0.99 is refused before anything is sampled, with the command that fixes it
     (tmp_path / "brain-mri" / "train-base.json").write_text(json.dumps({"ema_variants": [0.999]}))
@@ -413,19 +413,22 @@ def test_the_guidance_plan_scores_w1_against_the_recipe_row_both_with_mixed(tmp_
     monkeypatch.setattr(science, "WORK", tmp_path)
     (tmp_path / "all").mkdir()
     (tmp_path / "all" / "train-bf16-avx512.json").write_text(json.dumps({"ema_variants": []}))  # no extra EMA needed
-    lower, recipe, lowest = science.plan("guidance", "all", 2150, "bf16-avx512")
-    # its recipe row is the compute plan's row at the run's last step: one cache entry, one footing
+    from meddiffuse.config import CPU_STUDY
+
+    lower, former, lowest = science.plan("guidance", "all", 2150, "bf16-avx512")
+    # the recipe's own scale (w = 1) is the compute plan's row at the run's last step: one cache entry, one footing
     at_final = science.row("generator steps (recipe)", 2150, variant="bf16-avx512", step=2150, mixed=True,
                            **science.recipe_keys(classifier=True))
-    assert {k: recipe[k] for k in science.CONFIG_KEYS} == {k: at_final[k] for k in science.CONFIG_KEYS}
-    # the lever row changes guidance alone, on the run's own EMA, and scores the goal's second half too
-    assert lower["sampling"] == recipe["sampling"] | {"guidance": 1.0} and lower["sampling"] != recipe["sampling"]
-    assert (lower["ema"], lower["mixed"], lower["recipe"], lower["step"]) == (None, True, recipe["recipe"], 2150)
-    assert lowest["sampling"] == recipe["sampling"] | {"guidance": 0.5} and lowest["mixed"]
+    assert CPU_STUDY["guidance"] == lower["sampling"]["guidance"] == 1.0
+    assert {k: lower[k] for k in science.CONFIG_KEYS} == {k: at_final[k] for k in science.CONFIG_KEYS}
+    # the other rows change guidance alone, on the run's own EMA, each scoring the goal's second half too
+    for r, w in ((former, science.FORMER_GUIDANCE), (lowest, 0.5)):
+        assert r["sampling"] == lower["sampling"] | {"guidance": w} and r["sampling"] != lower["sampling"]
+        assert (r["ema"], r["mixed"], r["recipe"], r["step"]) == (None, True, lower["recipe"], 2150)
     # `evaluate --guidance 0.5` scores that row alone; without a filter every row, in the plan's order
-    assert science.chosen_rows([lower, recipe, lowest], guidance=[0.5]) == [lowest]
-    assert science.chosen_rows([lower, recipe, lowest], at=[2150]) == [lower, recipe, lowest]
-    assert science.chosen_rows([lower, recipe, lowest], at=[1200]) == []
+    assert science.chosen_rows([lower, former, lowest], guidance=[0.5]) == [lowest]
+    assert science.chosen_rows([lower, former, lowest], at=[2150]) == [lower, former, lowest]
+    assert science.chosen_rows([lower, former, lowest], at=[1200]) == []
     assert science.result_name("guidance", "bf16-avx512", "all") == "science-guidance-bf16-avx512-all"
 
 
