@@ -407,14 +407,13 @@ def test_the_combined_plan_pairs_the_diversity_winners_against_the_same_recipe_r
         science.plan("combined", "brain-mri", 1559)
 
 
-def test_the_guidance_plan_scores_w1_against_the_recipe_row_both_with_mixed(tmp_path, monkeypatch):
+def test_the_guidance_plan_scores_the_recipes_w1_against_w2_and_w05_each_with_mixed(tmp_path, monkeypatch):
     from bench import science
+    from meddiffuse.config import CPU_STUDY
 
     monkeypatch.setattr(science, "WORK", tmp_path)
     (tmp_path / "all").mkdir()
     (tmp_path / "all" / "train-bf16-avx512.json").write_text(json.dumps({"ema_variants": []}))  # no extra EMA needed
-    from meddiffuse.config import CPU_STUDY
-
     lower, former, lowest = science.plan("guidance", "all", 2150, "bf16-avx512")
     # the recipe's own scale (w = 1) is the compute plan's row at the run's last step: one cache entry, one footing
     at_final = science.row("generator steps (recipe)", 2150, variant="bf16-avx512", step=2150, mixed=True,
