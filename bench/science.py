@@ -540,6 +540,9 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     final = a.step or base["info"]["steps_trained"]
     ev = Evaluator(a.domain)
     chosen = chosen_rows(plan(a.plan, a.domain, final, variant), getattr(a, "at", None), getattr(a, "guidance", None))
+    if not chosen:  # a filter that matches nothing must not overwrite the plan's result file with no rows
+        raise SystemExit(f"no row of plan {a.plan!r} matches --at {getattr(a, 'at', None)} --guidance "
+                         f"{getattr(a, 'guidance', None)}; nothing scored or written")
     rows = [ev.score(r) for r in chosen[:getattr(a, "first", None)]]
     runs: dict[str, dict[str, Any]] = {}
     for r in rows:  # the generator runs behind the rows: this folder's records, or the recorded row's run

@@ -429,6 +429,16 @@ def test_the_guidance_plan_scores_the_recipes_w1_against_w2_and_w05_each_with_mi
     assert science.chosen_rows([lower, former, lowest], at=[2150]) == [lower, former, lowest]
     assert science.chosen_rows([lower, former, lowest], at=[1200]) == []
     assert science.result_name("guidance", "bf16-avx512", "all") == "science-guidance-bf16-avx512-all"
+    # a filter that matches no row stops with one line before anything is scored or written
+    (tmp_path / "all" / "train-bf16-avx512.json").write_text(json.dumps({"ema_variants": [], "info": {
+        "steps_trained": 2150}}))
+    from bench.common import RESULTS
+
+    before = sorted(RESULTS.glob("science-guidance-*"))
+    with pytest.raises(SystemExit, match="no row of plan 'guidance' matches"):
+        science.main(["evaluate", "--domain", "all", "--plan", "guidance", "--variant", "bf16-avx512",
+                      "--guidance", "0.7"])
+    assert sorted(RESULTS.glob("science-guidance-*")) == before
 
 
 def test_a_plan_that_follows_one_run_writes_one_file_per_variant():
