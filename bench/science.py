@@ -528,6 +528,34 @@ def chosen_rows(rows: list[dict[str, Any]], at: list[int] | None = None,
     return [r for r in rows if (not at or r["step"] in at) and (not guidance or r["sampling"]["guidance"] in guidance)]
 
 
+def same_config(x: dict[str, Any]) -> str:
+    """What makes two rows one measurement, as a key (labels and results aside)."""
+    return key_of({k: x.get(k) for k in CONFIG_KEYS})
+
+
+def merged_rows(plan_rows: list[dict[str, Any]], scored: list[dict[str, Any]], runs: dict[str, dict[str, Any]],
+                previous: dict[str, Any] | None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The plan's rows for its result file: those scored now, and those of the file already there (``previous``)
+    that were not, in the plan's order, so that a narrowing filter (``--first``, ``--at``, ``--guidance``) adds
+    rows instead of dropping the others. A previous row is kept only when its generator run is the one behind
+    this evaluation (the same record in ``runs``): rows of an earlier run under the same variant name go."""
+    now = {same_config(r): r for r in scored}
+    kept: dict[str, dict[str, Any]] = {}
+    for r in (previous or {}).get("rows") or []:
+        before = ((previous or {}).get("generator_runs") or {}).get(r.get("variant"))
+        if before is not None and runs.get(r.get("variant")) == before:
+            kept[same_config(r)] = r
+    rows = [now.get(k) or kept[k] for k in map(same_config, plan_rows) if k in now or k in kept]
+    return rows, {v: runs[v] for v in dict.fromkeys(r["variant"] for r in rows)}
+
+
+def run_record(domain: str, r: dict[str, Any]) -> dict[str, Any]:
+    """The generator run behind row ``r``: this folder's record, or the recorded row's run."""
+    if "recorded_in" in r:
+        return {**recorded(domain, r)[1], "recorded_in": r["recorded_in"]}
+    return describe_run(trained(domain, r["variant"]))
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     t0 = time.monotonic()
     if a.snapshots:  # score a running base run's snapshots early (cached for the full evaluation later)
@@ -539,21 +567,30 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     base = trained(a.domain, variant)
     final = a.step or base["info"]["steps_trained"]
     ev = Evaluator(a.domain)
-    chosen = chosen_rows(plan(a.plan, a.domain, final, variant), getattr(a, "at", None), getattr(a, "guidance", None))
+    planned = plan(a.plan, a.domain, final, variant)
+    chosen = chosen_rows(planned, getattr(a, "at", None), getattr(a, "guidance", None))
     if not chosen:  # a filter that matches nothing must not overwrite the plan's result file with no rows
         raise SystemExit(f"no row of plan {a.plan!r} matches --at {getattr(a, 'at', None)} --guidance "
                          f"{getattr(a, 'guidance', None)}; nothing scored or written")
     rows = [ev.score(r) for r in chosen[:getattr(a, "first", None)]]
     runs: dict[str, dict[str, Any]] = {}
-    for r in rows:  # the generator runs behind the rows: this folder's records, or the recorded row's run
-        if r["variant"] not in runs:
-            runs[r["variant"]] = (describe_run(trained(a.domain, r["variant"])) if "recorded_in" not in r else
-                                  {**recorded(a.domain, r)[1], "recorded_in": r["recorded_in"]})
+    for r in rows:
+        runs.setdefault(r["variant"], run_record(a.domain, r))
     if a.plan == "curve":
         write_grids(ev, [r for r in rows if r["lever"] == "generator steps"])
     if a.plan in ("augment", "resolution", "compute"):
         write_grids(ev, [r for r in rows if "recorded_in" not in r])
-    path = write_result(result_name(a.plan, variant, a.domain), {
+    from bench.common import RESULTS
+
+    name = result_name(a.plan, variant, a.domain)
+    previous = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else None
+    for v in {p["variant"] for p in planned} - set(runs):  # the runs of rows not scored now, to keep theirs
+        if (WORK / a.domain / f"train-{v}.json").exists():
+            runs[v] = describe_run(trained(a.domain, v))
+        elif previous and v in (previous.get("generator_runs") or {}):  # not here: the file is the only record
+            runs[v] = previous["generator_runs"][v]
+    rows, runs = merged_rows(planned, rows, runs, previous)
+    path = write_result(name, {
         "domain": a.domain, "plan": a.plan, "seed": 0, "arch": ARCH, "classifier_input": 96,
         "split": "20% of each class train / 80% test (seed 0), as bench/study.py",
         "generator_runs": runs,

@@ -441,6 +441,44 @@ def test_the_guidance_plan_scores_the_recipes_w1_against_w2_and_w05_each_with_mi
     assert sorted(RESULTS.glob("science-guidance-*")) == before
 
 
+def test_a_narrowing_filter_adds_its_rows_to_the_plans_file_and_keeps_the_others_of_the_same_run(
+        tmp_path, monkeypatch):
+    import bench.common
+    from bench import science
+
+    monkeypatch.setattr(science, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    (tmp_path / "work" / "all" / "rows").mkdir(parents=True)
+    (tmp_path / "results").mkdir()
+    record = {"ema_variants": [], "snapshots": [], "overrides": {}, "torch_threads": 2,
+              "info": {"steps_trained": 2150, "seconds": 1700.0, "images_per_second": 80.0, "resumed_from_step": None},
+              "config": {"preset": "cpu-study", "resolution": 32, "lr_schedule": "constant_with_warmup",
+                         "ema_decay": 0.998}}
+    train = tmp_path / "work" / "all" / "train-bf16-avx512.json"
+    train.write_text(json.dumps(record))
+    w1, w2, w05 = science.plan("guidance", "all", 2150, "bf16-avx512")
+    run = science.describe_run(record)
+    (tmp_path / "results" / "science-guidance-bf16-avx512-all.json").write_text(json.dumps({
+        "generator_runs": {"bf16-avx512": run}, "rows": [w1 | {"tstr": 0.94}, w2 | {"tstr": 0.91}]}))
+    # the w = 0.5 row as the evaluator caches it once scored (so nothing is sampled or trained here)
+    key = science.key_of({k: v for k, v in w05.items() if k not in science.LABELS})
+    (tmp_path / "work" / "all" / "rows" / f"{key}.json").write_text(json.dumps(w05 | {"tstr": 0.95}))
+
+    def evaluate_half() -> dict:
+        science.main(["evaluate", "--domain", "all", "--plan", "guidance", "--variant", "bf16-avx512",
+                      "--guidance", "0.5"])
+        return json.loads((tmp_path / "results" / "science-guidance-bf16-avx512-all.json").read_text())
+
+    out = evaluate_half()
+    assert [(r["sampling"]["guidance"], r["tstr"]) for r in out["rows"]] == [(1.0, 0.94), (2.0, 0.91), (0.5, 0.95)]
+    assert out["generator_runs"] == {"bf16-avx512": run}
+    # a re-trained run under the same variant name: the file's rows were another generator's, so they go
+    train.write_text(json.dumps(record | {"info": record["info"] | {"seconds": 1800.0}}))
+    out = evaluate_half()
+    assert [(r["sampling"]["guidance"], r["tstr"]) for r in out["rows"]] == [(0.5, 0.95)]
+    assert out["generator_runs"]["bf16-avx512"]["seconds"] == 1800.0
+
+
 def test_a_plan_that_follows_one_run_writes_one_file_per_variant():
     from bench import science
     from bench.render import SCIENCE_PLANS
