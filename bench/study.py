@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import real_data, write_result  # noqa: E402
-from meddiffuse.config import RECIPES, ExperimentConfig, Settings, recipe_values  # noqa: E402
+from meddiffuse.config import RECIPES, ExperimentConfig, Settings, given_overrides, recipe_values  # noqa: E402
 from meddiffuse.experiment import Experiment  # noqa: E402
 from meddiffuse.report import tstr_ratios  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "sampler": a.sampler}.items() if v is not None}
     if a.minutes is not None and a.steps is None:
         flags["generator_steps"] = None  # a wall-clock budget alone
-    values = recipe_values(a.recipe) | flags
+    values = recipe_values(a.recipe) | given_overrides(flags)  # a given --steps is every domain's budget
     values.setdefault("resolution", 32)
     config = ExperimentConfig(
         domain=a.domain, data=data, name=f"bench-{a.domain}", train_fraction=0.2, checkpoint_every=500,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": tstr_ratios(out["results"]),
         "generator": {k: gen.get(k) for k in ("preset", "parameters", "steps", "horizon", "seconds", "final_loss",
                                                 "images_per_second", "mixed_precision", "stopped_by")}
-        | {"minutes": config.generator_minutes, "step_budget": config.generator_steps},
+        | {"minutes": config.generator_minutes, "step_budget": config.generator_step_budget},
         "recipe": a.recipe, "overrides": flags,
         "synthetic_per_class": per_class, "guidance": config.guidance, "sampler": config.sampler,
         "sampling_steps": config.sampling_steps,
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         "domain": a.domain, **fid.model_dump(mode="json", exclude={"n"}),
         "judge": f"{a.archs[0]} trained on the real 20%", "judge_accuracy_on_real_test": trtr["accuracy"],
         "generator": {k: gen.get(k) for k in ("preset", "parameters", "steps", "seconds")}
-        | {"minutes": config.generator_minutes, "step_budget": config.generator_steps},
+        | {"minutes": config.generator_minutes, "step_budget": config.generator_step_budget},
         "sampling": {"sampler": config.sampler, "steps": config.sampling_steps, "guidance": config.guidance,
                      "per_class": per_class},
         "recipe": a.recipe, "resolution": config.resolution, "seed": a.seed, "source": "bench/study.py",

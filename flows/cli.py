@@ -67,7 +67,8 @@ def study_cmd(
     archs: Annotated[list[str] | None, typer.Option("--archs", help="timm architectures (repeatable).")] = None,
     train_data: Annotated[list[str] | None, typer.Option("--train-data", help="real | synthetic | mixed.")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
-    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget.")] = None,
+    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget of every domain "
+                                                             "(default: the recipe's, 2700; COVID CT 1200).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Dataset/generator resolution.")] = None,
     phantoms_per_class: Annotated[int | None, typer.Option(help="Phantoms per class when --data is omitted.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Classifier epochs.")] = None,
@@ -82,7 +83,7 @@ def study_cmd(
     from pydantic import ValidationError
 
     from flows.study import study
-    from meddiffuse.config import ExperimentConfig, Settings, synthetic_size_overrides
+    from meddiffuse.config import ExperimentConfig, Settings, given_overrides
 
     base = Settings().experiment.model_dump()
     given: dict = {}
@@ -95,7 +96,7 @@ def study_cmd(
              "generator_preset": generator_preset, "generator_steps": generator_steps, "resolution": resolution,
              "phantoms_per_class": phantoms_per_class, "epochs": epochs, "weights": weights}
     given |= {k: v for k, v in flags.items() if v is not None} | _parse_sets(sets)
-    base |= synthetic_size_overrides(given)
+    base |= given_overrides(given)
     try:
         config = ExperimentConfig.model_validate(base | {"domain": domains[0]})
     except ValidationError as exc:

@@ -60,10 +60,14 @@ CPU_STUDY: dict[str, Any] = {
     # 2700 steps under bf16 autocast: ~25 (brain MRI, 1 channel) to ~28 (ALL, RGB) min on 2 cores of a Xeon with
     # AMX; 3000 steps gave TSTR/TRTR 0.84 -> 0.88 and coverage 0.56 -> 0.79 on brain MRI over 1200 steps, but take
     # 31 min on ALL; ALL 0.88 -> 0.96 at 2700. COVID CT does better near 1200-1400 steps (~1.0 in three runs,
-    # 0.84 at 2700): pass generator_steps=1200 there. The cap keeps the 30-minute budget on slower CPUs: bf16
+    # 0.84 at 2700): its own budget is below. The cap keeps the 30-minute budget on slower CPUs: bf16
     # with AVX512-BF16 alone (a Zen 4 EPYC: 0.75 s/step, stopped at 2311) or float32 without native bf16
     # (~1.05 s/step on an older EPYC, 1.19 on an Ice Lake Xeon: 1393-1474 steps); the run records where it stopped
     "generator_steps": 2700,
+    # ... except where a domain does better on fewer: COVID CT's TSTR/TRTR peaks near 1200 steps (w = 2: 1.01
+    # against 0.84 at 2700 on the AMX Xeon, 0.98 against 0.92 at 2196 on a Zen 4; w = 1 at 2196 also 0.92), and
+    # it takes ~16 of the 30 minutes. A given step budget (any door's --generator-steps) is every domain's
+    "domain_generator_steps": {"covid-ct": 1200},
     "generator_minutes": 29.0,
     "sampler": "dpmsolver++-sde",  # +3 points TSTR over the ODE solver on brain MRI at the same cost
     # w = 1 since 2026-12-07 (was 2; bench/science.py --plan guidance / combined, one bf16 run per row pair): more
@@ -81,7 +85,7 @@ CPU_STUDY: dict[str, Any] = {
 RECIPES: dict[str, dict[str, Any]] = {
     "cpu-study": CPU_STUDY,
     "gpu-study": {**CPU_STUDY, "generator_preset": "gpu-base", "generator_steps": 20_000, "generator_minutes": None,
-                  "resolution": 64},
+                  "domain_generator_steps": {}, "resolution": 64},
 }
 
 
@@ -92,13 +96,17 @@ def recipe_values(name: str) -> dict[str, Any]:
     return dict(RECIPES[name])
 
 
-def synthetic_size_overrides(given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` (fields a user set) with the set-size rule applied: a ``synthetic_multiple`` asked for without a
-    ``synthetic_per_class`` means the multiple, not the recipe's fixed number per class. Doors that merge flags
-    into dumped defaults apply it to the flags before merging."""
+def given_overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (fields a user set) with what setting them implies: a ``synthetic_multiple`` asked for without a
+    ``synthetic_per_class`` means the multiple, not the recipe's fixed number per class; a ``generator_steps``
+    (None included: minutes alone) without a ``domain_generator_steps`` is the budget of every domain, not only
+    of those the recipe has none for. Doors that merge flags into dumped defaults apply it to the flags first."""
+    implied: dict[str, Any] = {}
     if "synthetic_multiple" in given and "synthetic_per_class" not in given:
-        return {**given, "synthetic_per_class": None}
-    return given
+        implied["synthetic_per_class"] = None
+    if "generator_steps" in given and "domain_generator_steps" not in given:
+        implied["domain_generator_steps"] = {}
+    return {**given, **implied} if implied else given
 
 
 def without_added_defaults(data: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +128,16 @@ class GeneratorRecipe(Seeded):
     generator_minutes: float | None = Field(CPU_STUDY["generator_minutes"], gt=0,
                                             description="Wall-clock cap on one training session (None: none).")
     checkpoint_every: int = Field(200, ge=1)
+
+
+class DomainBudgets(BaseModel):
+    """The recipe's step budget per domain, over ``generator_steps`` (only the study's config carries it: a
+    generator spec is for one domain and gets the resolved budget)."""
+
+    domain_generator_steps: dict[str, int] = Field(
+        default_factory=lambda: dict(CPU_STUDY["domain_generator_steps"]),
+        description="Step budget per domain where the recipe has its own (COVID CT 1200); a given "
+                    "generator_steps clears it.")
 
 
 class SamplingRecipe(Seeded):
@@ -172,6 +190,15 @@ class GeneratorSpec(GeneratorRecipe):
     alias: str | None = None
     register_model: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _the_recipes_budget_for_its_domain(cls, data: Any) -> Any:
+        # one domain per spec, so the recipe's own budget for it (COVID CT 1200) is final here when none is given
+        budgets = CPU_STUDY["domain_generator_steps"]
+        if isinstance(data, dict) and "generator_steps" not in data and data.get("domain") in budgets:
+            return {**data, "generator_steps": budgets[data["domain"]]}
+        return data
+
 
 class SynthesisSpec(SamplingRecipe):
     """A synthetic Dataset to sample from a generator, in resumable shards."""
@@ -184,7 +211,7 @@ class SynthesisSpec(SamplingRecipe):
     batch_size: int = Field(64, ge=1, le=1024)
 
 
-class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
+class ExperimentConfig(DomainBudgets, GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
     """The study's protocol for one domain; every field is a CLI flag, a flow parameter and a service field."""
 
     domain: str = "brain-mri"
@@ -215,12 +242,19 @@ class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
 
     @model_validator(mode="before")
     @classmethod
-    def _multiple_without_per_class(cls, data: Any) -> Any:
-        return synthetic_size_overrides(data) if isinstance(data, dict) else data
+    def _what_given_fields_imply(cls, data: Any) -> Any:
+        return given_overrides(data) if isinstance(data, dict) else data
 
     @property
     def experiment_name(self) -> str:
         return self.name or self.domain
+
+    @property
+    def generator_step_budget(self) -> int | None:
+        """The generator's step budget for this domain: the recipe's own for it, else ``generator_steps``.
+        Resolved when read, so a config re-validated for another domain (a multi-domain flow) gets that
+        domain's budget."""
+        return self.domain_generator_steps.get(self.domain, self.generator_steps)
 
 
 class ServeConfig(BaseModel):

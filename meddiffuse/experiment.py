@@ -66,6 +66,13 @@ RESUMABLE_CHANGES = frozenset({"name", "archs", "train_data", "register_models",
 ADDED_FIELDS: dict[str, Any] = {"synthetic_per_class": None}
 
 
+def recorded_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The config as an experiment records and compares it: the generator's budget resolved for the domain
+    (what the stages ran with), so a recipe's budget for another domain never blocks a resume."""
+    out = config.model_dump(mode="json", exclude={"domain_generator_steps"})
+    return out | {"generator_steps": config.generator_step_budget}
+
+
 class ExperimentConfigMismatch(ValueError):
     """The experiment exists with a config whose committed stages the new config would contradict."""
 
@@ -125,7 +132,7 @@ class Experiment:
         """
         if self._config_checked:
             return
-        current = self.config.model_dump(mode="json")
+        current = recorded_config(self.config)
         try:
             recorded = json.loads(self.store.get_text(self.paths.config))
         except ObjectNotFound:
@@ -214,7 +221,8 @@ class Experiment:
         def run() -> dict[str, Any]:
             spec = GeneratorSpec(
                 domain=self.domain.name, dataset=self.paths.real, resolution=c.resolution,
-                **{k: getattr(c, k) for k in GeneratorRecipe.model_fields},
+                **{k: getattr(c, k) for k in GeneratorRecipe.model_fields}
+                | {"generator_steps": c.generator_step_budget},  # the domain's own budget where the recipe has one
                 prefix=self.paths.generator, register_model=c.register_models,
             )
             out = train_and_register_generator(spec, settings=self.settings, store=self.store, progress=self.progress)

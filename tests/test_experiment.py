@@ -116,12 +116,12 @@ def test_synthetic_set_size_is_a_number_per_class_or_a_multiple(settings):
     assert ExperimentConfig(synthetic_multiple=2.0).synthetic_per_class is None
     assert ExperimentConfig(synthetic_multiple=2.0, synthetic_per_class=9).synthetic_per_class == 9
     # the doors that merge flags into dumped defaults (both CLIs) apply the same rule to the flags
-    from meddiffuse.config import recipe_values, synthetic_size_overrides
+    from meddiffuse.config import given_overrides, recipe_values
 
-    flags = synthetic_size_overrides({"synthetic_multiple": 2.0})
+    flags = given_overrides({"synthetic_multiple": 2.0})
     merged = ExperimentConfig().model_dump() | recipe_values("cpu-study") | flags
     assert ExperimentConfig.model_validate(merged).synthetic_per_class is None
-    assert synthetic_size_overrides({"synthetic_per_class": 9}) == {"synthetic_per_class": 9}
+    assert given_overrides({"synthetic_per_class": 9}) == {"synthetic_per_class": 9}
 
     quiet = dict(progress=False, log=lambda m: None)
     exp = Experiment(toy_config(name="size"), settings, **quiet)
@@ -212,6 +212,63 @@ def test_the_default_experiment_is_the_cpu_study_recipe_and_recipes_are_named():
     assert study.lr_schedule == "constant_with_warmup" and study.mixed_precision == "bf16"
     assert study.fingerprint() == create_generator_config("cpu-small", brain, 32,
                                                           lr_schedule="constant_with_warmup").fingerprint()
+
+
+def test_covid_ct_trains_on_the_recipes_own_budget_unless_a_budget_is_given(settings, monkeypatch):
+    """The recipe's step budget per domain (COVID CT 1200), resolved where the domain is final; a budget given at
+    any door (constructor, environment, flag, a flow's config) is every domain's."""
+    from flows.study import domain_config
+    from meddiffuse.config import CPU_STUDY, RECIPES, Settings, given_overrides, recipe_values
+
+    steps, covid = CPU_STUDY["generator_steps"], CPU_STUDY["domain_generator_steps"]["covid-ct"]
+    assert covid < steps
+    assert ExperimentConfig(domain="covid-ct").generator_step_budget == covid
+    assert ExperimentConfig(domain="brain-mri").generator_step_budget == steps
+    assert ExperimentConfig(domain="covid-ct", generator_steps=3000).generator_step_budget == 3000
+    assert ExperimentConfig(domain="covid-ct", generator_steps=None).generator_step_budget is None  # minutes alone
+    assert ExperimentConfig(domain="covid-ct", **recipe_values("gpu-study")).generator_step_budget == (
+        RECIPES["gpu-study"]["generator_steps"])  # a CPU-scale finding; the GPU recipe has one budget
+    # a multi-domain flow re-validates one config per domain: each gets its own budget, a given one is everyone's
+    base = ExperimentConfig(domain="brain-mri")
+    assert [domain_config(base, d, True).generator_step_budget for d in ("brain-mri", "covid-ct")] == [steps, covid]
+    given = ExperimentConfig.model_validate(base.model_dump() | given_overrides({"generator_steps": 500}))
+    assert [domain_config(given, d, True).generator_step_budget for d in ("brain-mri", "covid-ct")] == [500, 500]
+    # the trainer service's spec (one domain each): the same default, a given budget kept
+    from meddiffuse.config import GeneratorSpec
+
+    assert GeneratorSpec.model_validate_json('{"domain": "covid-ct", "dataset": "d"}').generator_steps == covid
+    assert GeneratorSpec(domain="brain-mri", dataset="d").generator_steps == steps
+    assert GeneratorSpec(domain="covid-ct", dataset="d", generator_steps=3000).generator_steps == 3000
+    monkeypatch.setenv("MEDDIFFUSE_EXPERIMENT__GENERATOR_STEPS", "3000")
+    assert Settings().experiment.model_copy(update={"domain": "covid-ct"}).generator_step_budget == 3000
+    monkeypatch.delenv("MEDDIFFUSE_EXPERIMENT__GENERATOR_STEPS")
+
+    # the generator stage trains on the resolved budget, and the experiment records that budget
+    quiet = dict(progress=False, log=lambda m: None)
+    exp = Experiment(toy_config(name="budget", domain_generator_steps={"covid-ct": 3}), settings, **quiet)
+    exp.ingest()
+    assert exp.train_generator()["steps"] == 3
+    assert json.loads(exp.store.get_text(exp.paths.config))["generator_steps"] == 3
+    with pytest.raises(ExperimentConfigMismatch, match=r"generator_steps: 3 -> 4"):
+        Experiment(toy_config(name="budget"), settings, **quiet).check_config()
+    # a brain-MRI experiment recorded before budgets per domain existed resumes under the new default
+    old = Experiment(ExperimentConfig(domain="brain-mri", name="old"), settings, **quiet)
+    old.check_config()
+    assert "domain_generator_steps" not in json.loads(old.store.get_text(old.paths.config))
+    Experiment(ExperimentConfig(domain="brain-mri", name="old"), settings, **quiet).check_config()
+
+    # the CLI: COVID CT gets its budget by default, and --generator-steps overrides it (one line, before any work)
+    from typer.testing import CliRunner
+
+    from meddiffuse.cli import app
+
+    Experiment(ExperimentConfig(domain="covid-ct", name="door", domain_generator_steps={}), settings,
+               **quiet).check_config()  # an experiment made on the flat 2700-step budget
+    for flags, shown in (([], f"generator_steps: {steps} -> {covid}"), (["--generator-steps", "2000"],
+                                                                        f"generator_steps: {steps} -> 2000")):
+        result = CliRunner().invoke(app, ["experiment", "--domain", "covid-ct", "--name", "door", *flags])
+        assert result.exit_code != 0 and shown in result.output, result.output
+        assert "Traceback" not in result.output
 
 
 def test_cli_refuses_an_unknown_recipe_in_one_line():

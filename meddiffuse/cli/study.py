@@ -9,7 +9,7 @@ import typer
 
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.cli.tables import results_table
-from meddiffuse.config import ExperimentConfig, Settings, recipe_values, synthetic_size_overrides
+from meddiffuse.config import ExperimentConfig, Settings, given_overrides, recipe_values
 
 
 @app.command("experiment")
@@ -28,8 +28,9 @@ def experiment_cmd(
     synthetic_multiple: Annotated[float | None, typer.Option(help="Synthetic set = K x real train set, instead "
                                                                   "of a number per class")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
-    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget (default 2700): the same "
-                                                             "result on any machine that reaches it")] = None,
+    generator_steps: Annotated[int | None, typer.Option(help="Generator step budget of every domain (default "
+                                                             "2700, COVID CT 1200): the same result on any machine "
+                                                             "that reaches it")] = None,
     generator_minutes: Annotated[float | None, typer.Option(help="Wall-clock cap on the generator (default 29; a "
                                                                  "slower or busy machine then trains fewer steps)")
                                  ] = None,
@@ -58,7 +59,7 @@ def experiment_cmd(
     }
     if filter_synthetic:
         overrides["filter_synthetic"] = True
-    overrides = synthetic_size_overrides(overrides)  # before the recipe: the user's flags win over it
+    overrides = given_overrides(overrides)  # before the recipe: the user's flags win over it
     try:
         if recipe:
             overrides = recipe_values(recipe) | overrides
