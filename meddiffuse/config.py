@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -130,16 +130,6 @@ class GeneratorRecipe(Seeded):
     checkpoint_every: int = Field(200, ge=1)
 
 
-class DomainBudgets(BaseModel):
-    """The recipe's step budget per domain, over ``generator_steps`` (only the study's config carries it: a
-    generator spec is for one domain and gets the resolved budget)."""
-
-    domain_generator_steps: dict[str, int] = Field(
-        default_factory=lambda: dict(CPU_STUDY["domain_generator_steps"]),
-        description="Step budget per domain where the recipe has its own (COVID CT 1200); a given "
-                    "generator_steps clears it.")
-
-
 class SamplingRecipe(Seeded):
     """How images are drawn from a generator (the one source of the sampling defaults)."""
 
@@ -211,10 +201,16 @@ class SynthesisSpec(SamplingRecipe):
     batch_size: int = Field(64, ge=1, le=1024)
 
 
-class ExperimentConfig(DomainBudgets, GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
+class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
     """The study's protocol for one domain; every field is a CLI flag, a flow parameter and a service field."""
 
     domain: str = "brain-mri"
+    # over generator_steps for the domains the recipe gives their own (only the study's config carries it: a
+    # generator spec is for one domain and gets the resolved budget, `generator_step_budget`)
+    domain_generator_steps: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: dict(CPU_STUDY["domain_generator_steps"]),
+        description="Step budget per domain where the recipe has its own (COVID CT 1200); a given "
+                    "generator_steps clears it.")
     data: Path | None = Field(None, description="Raw ImageFolder; None = a phantom folder made on the fly.")
     test_data: Path | None = Field(None, description="Separate real test folder (deduplicated against train).")
     name: str | None = Field(None, description="Experiment name; default = the domain.")

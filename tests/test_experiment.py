@@ -226,6 +226,10 @@ def test_covid_ct_trains_on_the_recipes_own_budget_unless_a_budget_is_given(sett
     assert ExperimentConfig(domain="brain-mri").generator_step_budget == steps
     assert ExperimentConfig(domain="covid-ct", generator_steps=3000).generator_step_budget == 3000
     assert ExperimentConfig(domain="covid-ct", generator_steps=None).generator_step_budget is None  # minutes alone
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):  # the same bound as generator_steps
+        ExperimentConfig(domain="covid-ct", domain_generator_steps={"covid-ct": 0})
     assert ExperimentConfig(domain="covid-ct", **recipe_values("gpu-study")).generator_step_budget == (
         RECIPES["gpu-study"]["generator_steps"])  # a CPU-scale finding; the GPU recipe has one budget
     # a multi-domain flow re-validates one config per domain: each gets its own budget, a given one is everyone's
