@@ -64,10 +64,12 @@ CPU_STUDY: dict[str, Any] = {
     # with AVX512-BF16 alone (a Zen 4 EPYC: 0.75 s/step, stopped at 2311) or float32 without native bf16
     # (~1.05 s/step on an older EPYC, 1.19 on an Ice Lake Xeon: 1393-1474 steps); the run records where it stopped
     "generator_steps": 2700,
-    # ... except where a domain does better on fewer: COVID CT's TSTR/TRTR peaks near 1200 steps (w = 2: 1.01
+    # ... except where a domain does better on another: COVID CT's TSTR/TRTR peaks near 1200 steps (w = 2: 1.01
     # against 0.84 at 2700 on the AMX Xeon, 0.98 against 0.92 at 2196 on a Zen 4; w = 1 at 2196 also 0.92), and
-    # it takes ~16 of the 30 minutes. A given step budget (any door's --generator-steps) is every domain's
-    "domain_generator_steps": {"covid-ct": 1200},
+    # it takes ~16 of the 30 minutes; brain MRI keeps gaining to 3000 (w = 1: 0.915 at 3000 on the AMX Xeon,
+    # 0.86 at 2311 on a Zen 4), which its 1-channel images train in ~23 min on AMX (slower CPUs stop at the cap).
+    # A given step budget (any door's --generator-steps) is every domain's
+    "domain_generator_steps": {"brain-mri": 3000, "covid-ct": 1200},
     "generator_minutes": 29.0,
     "sampler": "dpmsolver++-sde",  # +3 points TSTR over the ODE solver on brain MRI at the same cost
     # w = 1 since 2026-12-07 (was 2; bench/science.py --plan guidance / combined, one bf16 run per row pair): more
@@ -183,7 +185,8 @@ class GeneratorSpec(GeneratorRecipe):
     @model_validator(mode="before")
     @classmethod
     def _the_recipes_budget_for_its_domain(cls, data: Any) -> Any:
-        # one domain per spec, so the recipe's own budget for it (COVID CT 1200) is final here when none is given
+        # one domain per spec, so the recipe's own budget for it (COVID CT 1200, brain MRI 3000) is final here when
+        # none is given
         budgets = CPU_STUDY["domain_generator_steps"]
         if isinstance(data, dict) and "generator_steps" not in data and data.get("domain") in budgets:
             return {**data, "generator_steps": budgets[data["domain"]]}
@@ -209,7 +212,7 @@ class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
     # generator spec is for one domain and gets the resolved budget, `generator_step_budget`)
     domain_generator_steps: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: dict(CPU_STUDY["domain_generator_steps"]),
-        description="Step budget per domain where the recipe has its own (COVID CT 1200); a given "
+        description="Step budget per domain where the recipe has its own (COVID CT 1200, brain MRI 3000); a given "
                     "generator_steps clears it.")
     data: Path | None = Field(None, description="Raw ImageFolder; None = a phantom folder made on the fly.")
     test_data: Path | None = Field(None, description="Separate real test folder (deduplicated against train).")

@@ -214,16 +214,18 @@ def test_the_default_experiment_is_the_cpu_study_recipe_and_recipes_are_named():
                                                           lr_schedule="constant_with_warmup").fingerprint()
 
 
-def test_covid_ct_trains_on_the_recipes_own_budget_unless_a_budget_is_given(settings, monkeypatch):
-    """The recipe's step budget per domain (COVID CT 1200), resolved where the domain is final; a budget given at
-    any door (constructor, environment, flag, a flow's config) is every domain's."""
+def test_a_domain_trains_on_the_recipes_own_budget_unless_a_budget_is_given(settings, monkeypatch):
+    """The recipe's step budget per domain (COVID CT 1200, brain MRI 3000), resolved where the domain is final; a
+    budget given at any door (constructor, environment, flag, a flow's config) is every domain's."""
     from flows.study import domain_config
     from meddiffuse.config import CPU_STUDY, RECIPES, Settings, given_overrides, recipe_values
 
     steps, covid = CPU_STUDY["generator_steps"], CPU_STUDY["domain_generator_steps"]["covid-ct"]
-    assert covid < steps
+    brain = CPU_STUDY["domain_generator_steps"]["brain-mri"]
+    assert covid < steps < brain and "all" not in CPU_STUDY["domain_generator_steps"]
     assert ExperimentConfig(domain="covid-ct").generator_step_budget == covid
-    assert ExperimentConfig(domain="brain-mri").generator_step_budget == steps
+    assert ExperimentConfig(domain="brain-mri").generator_step_budget == brain
+    assert ExperimentConfig(domain="all").generator_step_budget == steps
     assert ExperimentConfig(domain="covid-ct", generator_steps=3000).generator_step_budget == 3000
     assert ExperimentConfig(domain="covid-ct", generator_steps=None).generator_step_budget is None  # minutes alone
     from pydantic import ValidationError
@@ -234,14 +236,16 @@ def test_covid_ct_trains_on_the_recipes_own_budget_unless_a_budget_is_given(sett
         RECIPES["gpu-study"]["generator_steps"])  # a CPU-scale finding; the GPU recipe has one budget
     # a multi-domain flow re-validates one config per domain: each gets its own budget, a given one is everyone's
     base = ExperimentConfig(domain="brain-mri")
-    assert [domain_config(base, d, True).generator_step_budget for d in ("brain-mri", "covid-ct")] == [steps, covid]
+    domains = ("brain-mri", "all", "covid-ct")
+    assert [domain_config(base, d, True).generator_step_budget for d in domains] == [brain, steps, covid]
     given = ExperimentConfig.model_validate(base.model_dump() | given_overrides({"generator_steps": 500}))
-    assert [domain_config(given, d, True).generator_step_budget for d in ("brain-mri", "covid-ct")] == [500, 500]
+    assert [domain_config(given, d, True).generator_step_budget for d in domains] == [500, 500, 500]
     # the trainer service's spec (one domain each): the same default, a given budget kept
     from meddiffuse.config import GeneratorSpec
 
     assert GeneratorSpec.model_validate_json('{"domain": "covid-ct", "dataset": "d"}').generator_steps == covid
-    assert GeneratorSpec(domain="brain-mri", dataset="d").generator_steps == steps
+    assert GeneratorSpec(domain="all", dataset="d").generator_steps == steps
+    assert GeneratorSpec(domain="brain-mri", dataset="d").generator_steps == brain
     assert GeneratorSpec(domain="covid-ct", dataset="d", generator_steps=3000).generator_steps == 3000
     monkeypatch.setenv("MEDDIFFUSE_EXPERIMENT__GENERATOR_STEPS", "3000")
     assert Settings().experiment.model_copy(update={"domain": "covid-ct"}).generator_step_budget == 3000
@@ -255,11 +259,11 @@ def test_covid_ct_trains_on_the_recipes_own_budget_unless_a_budget_is_given(sett
     assert json.loads(exp.store.get_text(exp.paths.config))["generator_steps"] == 3
     with pytest.raises(ExperimentConfigMismatch, match=r"generator_steps: 3 -> 4"):
         Experiment(toy_config(name="budget"), settings, **quiet).check_config()
-    # a brain-MRI experiment recorded before budgets per domain existed resumes under the new default
-    old = Experiment(ExperimentConfig(domain="brain-mri", name="old"), settings, **quiet)
+    # an ALL experiment recorded before budgets per domain existed resumes under the new default
+    old = Experiment(ExperimentConfig(domain="all", name="old"), settings, **quiet)
     old.check_config()
     assert "domain_generator_steps" not in json.loads(old.store.get_text(old.paths.config))
-    Experiment(ExperimentConfig(domain="brain-mri", name="old"), settings, **quiet).check_config()
+    Experiment(ExperimentConfig(domain="all", name="old"), settings, **quiet).check_config()
 
     # the CLI: COVID CT gets its budget by default, and --generator-steps overrides it (one line, before any work)
     from typer.testing import CliRunner
