@@ -67,7 +67,8 @@ CPU_STUDY: dict[str, Any] = {
     # ... except where a domain does better on another: COVID CT's TSTR/TRTR peaks near 1200 steps (w = 2: 1.01
     # against 0.84 at 2700 on the AMX Xeon, 0.98 against 0.92 at 2196 on a Zen 4; w = 1 at 2196 also 0.92), and
     # it takes ~16 of the 30 minutes; brain MRI keeps gaining to 3000 (w = 1: 0.915 at 3000 on the AMX Xeon,
-    # 0.86 at 2311 on a Zen 4), which its 1-channel images train in ~23 min on AMX (slower CPUs stop at the cap).
+    # 0.86 at 2311 on a Zen 4), which its 1-channel images train in 26 min on AMX (0.52 s/step; slower CPUs stop
+    # at the cap)
     # A given step budget (any door's --generator-steps) is every domain's
     "domain_generator_steps": {"brain-mri": 3000, "covid-ct": 1200},
     "generator_minutes": 29.0,
