@@ -68,8 +68,8 @@ def study_cmd(
     train_data: Annotated[list[str] | None, typer.Option("--train-data", help="real | synthetic | mixed.")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
     generator_steps: Annotated[int | None, typer.Option(help="Generator step budget of every domain "
-                                                             "(default: the recipe's, 2700; COVID CT 1200, brain MRI "
-                                                             "3000).")] = None,
+                                                             "(default: the recipe's budget per domain, as in "
+                                                             "`meddiffuse experiment --help`).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Dataset/generator resolution.")] = None,
     phantoms_per_class: Annotated[int | None, typer.Option(help="Phantoms per class when --data is omitted.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Classifier epochs.")] = None,

@@ -68,8 +68,7 @@ CPU_STUDY: dict[str, Any] = {
     # against 0.84 at 2700 on the AMX Xeon, 0.98 against 0.92 at 2196 on a Zen 4; w = 1 at 2196 also 0.92), and
     # it takes ~16 of the 30 minutes; brain MRI keeps gaining to 3000 (w = 1: 0.915 at 3000 on the AMX Xeon,
     # 0.86 at 2311 on a Zen 4), which its 1-channel images train in 26 min on AMX (0.52 s/step; slower CPUs stop
-    # at the cap)
-    # A given step budget (any door's --generator-steps) is every domain's
+    # at the cap). A given step budget (any door's --generator-steps) is every domain's
     "domain_generator_steps": {"brain-mri": 3000, "covid-ct": 1200},
     "generator_minutes": 29.0,
     "sampler": "dpmsolver++-sde",  # +3 points TSTR over the ODE solver on brain MRI at the same cost
@@ -85,6 +84,8 @@ CPU_STUDY: dict[str, Any] = {
     "val_fraction": 0.0,
     "ema_decay": 0.998,
 }
+# for help texts, so they follow the recipe: "brain-mri 3000, covid-ct 1200"
+DOMAIN_BUDGETS_TEXT = ", ".join(f"{domain} {steps}" for domain, steps in CPU_STUDY["domain_generator_steps"].items())
 RECIPES: dict[str, dict[str, Any]] = {
     "cpu-study": CPU_STUDY,
     "gpu-study": {**CPU_STUDY, "generator_preset": "gpu-base", "generator_steps": 20_000, "generator_minutes": None,
@@ -186,8 +187,7 @@ class GeneratorSpec(GeneratorRecipe):
     @model_validator(mode="before")
     @classmethod
     def _the_recipes_budget_for_its_domain(cls, data: Any) -> Any:
-        # one domain per spec, so the recipe's own budget for it (COVID CT 1200, brain MRI 3000) is final here when
-        # none is given
+        # one domain per spec, so the recipe's own budget for it is final here when none is given
         budgets = CPU_STUDY["domain_generator_steps"]
         if isinstance(data, dict) and "generator_steps" not in data and data.get("domain") in budgets:
             return {**data, "generator_steps": budgets[data["domain"]]}
@@ -213,8 +213,8 @@ class ExperimentConfig(GeneratorRecipe, SamplingRecipe, ClassifierRecipe):
     # generator spec is for one domain and gets the resolved budget, `generator_step_budget`)
     domain_generator_steps: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: dict(CPU_STUDY["domain_generator_steps"]),
-        description="Step budget per domain where the recipe has its own (COVID CT 1200, brain MRI 3000); a given "
-                    "generator_steps clears it.")
+        description=f"Step budget per domain where the recipe has its own ({DOMAIN_BUDGETS_TEXT}); a "
+                    "given generator_steps clears it.")
     data: Path | None = Field(None, description="Raw ImageFolder; None = a phantom folder made on the fly.")
     test_data: Path | None = Field(None, description="Separate real test folder (deduplicated against train).")
     name: str | None = Field(None, description="Experiment name; default = the domain.")

@@ -9,7 +9,7 @@ import typer
 
 from meddiffuse.cli.app import app, console, fail
 from meddiffuse.cli.tables import results_table
-from meddiffuse.config import ExperimentConfig, Settings, given_overrides, recipe_values
+from meddiffuse.config import CPU_STUDY, DOMAIN_BUDGETS_TEXT, ExperimentConfig, Settings, given_overrides, recipe_values
 
 
 @app.command("experiment")
@@ -29,8 +29,8 @@ def experiment_cmd(
                                                                   "of a number per class")] = None,
     generator_preset: Annotated[str | None, typer.Option(help="tiny | cpu-small | cpu-study | gpu-base")] = None,
     generator_steps: Annotated[int | None, typer.Option(help="Generator step budget of every domain (default "
-                                                             "2700, COVID CT 1200, brain MRI 3000): the same result on "
-                                                             "any machine that reaches it")] = None,
+                                                             f"{CPU_STUDY['generator_steps']}; {DOMAIN_BUDGETS_TEXT}): "
+                                                             "the same result on any machine that reaches it")] = None,
     generator_minutes: Annotated[float | None, typer.Option(help="Wall-clock cap on the generator (default 29; a "
                                                                  "slower or busy machine then trains fewer steps)")
                                  ] = None,
